@@ -1,0 +1,442 @@
+//! The instance config: this host's part of the cluster state.
+//!
+//! It plays the part of the seed's `alation_conf` store. It is a JSON file
+//! (`/etc/hapair/instance.json` by default) of nested objects, addressed by
+//! dotted keys: `cluster.protected_instance` is `{"cluster":
+//! {"protected_instance": ...}}`. Each host keeps its own; it is never
+//! copied between hosts.
+//!
+//! The keys hapair acts on are listed in [`KEYS`] with their types and
+//! defaults. The `cluster.` namespace is hapair's: an unknown key there is a
+//! typo, and refused, since a misspelt protection flag would protect
+//! nothing. Keys elsewhere are free-form.
+
+use std::fs::File;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _, Result};
+use serde_json::{Map, Value};
+
+use crate::files;
+use crate::protocol::ansible_bool_value;
+
+pub const DEFAULT_PATH: &str = "/etc/hapair/instance.json";
+/// The instance config holds no secrets, and the cluster account reads it
+/// when the peer checks this host's protection over SSH.
+const FILE_MODE: u32 = 0o644;
+const DIR_MODE: u32 = 0o755;
+
+pub const PROTECTED: &str = "cluster.protected_instance";
+pub const OVERRIDE_IP: &str = "cluster.override_ip";
+pub const ENABLE_OVERRIDE_IP: &str = "cluster.enable_override_ip";
+pub const HOSTS: &str = "cluster.hosts";
+pub const REPLICATION_MODE: &str = "cluster.replication_mode";
+pub const BACKUP_V2: &str = "feature_flags.backup_v2";
+pub const APP_VERSION: &str = "app.version";
+
+/// How to turn protection off, for refusal messages.
+pub const UNPROTECT_HINT: &str = "if this host's data may be replaced, back it up, then run \
+     instance_conf '{\"key\": \"cluster.protected_instance\", \"value\": false}' on it \
+     (the seed's `alation_conf alation.cluster.protected_instance -s False`)";
+
+/// The type of a known key's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Bool,
+    Text,
+    Ipv4,
+    Ipv4List,
+    Choice(&'static [&'static str]),
+}
+
+/// A key hapair knows.
+#[derive(Debug)]
+pub struct KeySpec {
+    pub name: &'static str,
+    pub kind: Kind,
+    /// The value when the key is absent, as JSON text.
+    pub default: Option<&'static str>,
+    /// Whether the key decides what may be deleted or where data flows.
+    pub safety_relevant: bool,
+}
+
+pub const KEYS: &[KeySpec] = &[
+    KeySpec {
+        name: PROTECTED,
+        kind: Kind::Bool,
+        default: Some("true"),
+        safety_relevant: true,
+    },
+    KeySpec {
+        name: OVERRIDE_IP,
+        kind: Kind::Ipv4,
+        default: None,
+        safety_relevant: true,
+    },
+    KeySpec {
+        name: ENABLE_OVERRIDE_IP,
+        kind: Kind::Bool,
+        default: Some("false"),
+        safety_relevant: true,
+    },
+    KeySpec {
+        name: HOSTS,
+        kind: Kind::Ipv4List,
+        default: Some("[]"),
+        safety_relevant: true,
+    },
+    KeySpec {
+        name: REPLICATION_MODE,
+        kind: Kind::Choice(&["standalone", "primary", "secondary"]),
+        default: Some("\"standalone\""),
+        safety_relevant: true,
+    },
+    KeySpec {
+        name: BACKUP_V2,
+        kind: Kind::Bool,
+        default: Some("false"),
+        safety_relevant: false,
+    },
+    KeySpec {
+        name: APP_VERSION,
+        kind: Kind::Text,
+        default: None,
+        safety_relevant: false,
+    },
+];
+
+/// A checked key: its syntax is valid, and a key in hapair's namespace is
+/// one hapair knows.
+#[derive(Debug, Clone, Copy)]
+pub struct Key<'a> {
+    pub name: &'a str,
+    pub spec: Option<&'static KeySpec>,
+}
+
+impl<'a> Key<'a> {
+    pub fn parse(name: &'a str) -> Result<Key<'a>> {
+        let valid_segment = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        };
+        if !name.split('.').all(valid_segment) {
+            bail!(
+                "{name:?} is not a valid key: use dotted names of letters, digits, _ and -, \
+                 e.g. cluster.protected_instance"
+            );
+        }
+        let spec = KEYS.iter().find(|k| k.name == name);
+        if spec.is_none() && name.starts_with("cluster.") {
+            let known: Vec<&str> = KEYS
+                .iter()
+                .map(|k| k.name)
+                .filter(|n| n.starts_with("cluster."))
+                .collect();
+            bail!(
+                "unknown key {name}: the cluster.* keys are {}",
+                known.join(", ")
+            );
+        }
+        Ok(Key { name, spec })
+    }
+
+    pub fn safety_relevant(&self) -> bool {
+        self.spec.is_some_and(|s| s.safety_relevant)
+    }
+
+    pub fn default_value(&self) -> Option<Value> {
+        self.spec
+            .and_then(|s| s.default)
+            .map(|text| serde_json::from_str(text).expect("KEYS defaults are valid JSON"))
+    }
+
+    /// Checks `value` against the key's type, converting what an operator
+    /// would expect to work ("False" for a boolean, as the seed writes it).
+    pub fn coerce(&self, value: Value) -> Result<Value> {
+        let Some(spec) = self.spec else {
+            return Ok(value);
+        };
+        let name = self.name;
+        Ok(match spec.kind {
+            Kind::Bool => match ansible_bool_value(&value) {
+                Some(b) => Value::Bool(b),
+                None => bail!("{name} takes true or false, not {value}"),
+            },
+            Kind::Text => match value {
+                Value::String(_) => value,
+                // `value: 2021.4` in YAML arrives as a number.
+                Value::Number(n) => Value::String(n.to_string()),
+                other => bail!("{name} takes a string, not {other}"),
+            },
+            Kind::Ipv4 => Value::String(parse_ipv4(name, &value)?.to_string()),
+            Kind::Ipv4List => {
+                let items = match value {
+                    Value::Array(items) => items,
+                    // `-s 10.0.0.1,10.0.0.2` by hand.
+                    Value::String(text) => text
+                        .split(',')
+                        .map(|s| Value::String(s.trim().to_string()))
+                        .collect(),
+                    other => bail!("{name} takes a list of IPv4 addresses, not {other}"),
+                };
+                let addresses = items
+                    .iter()
+                    .map(|item| parse_ipv4(name, item).map(|a| Value::String(a.to_string())))
+                    .collect::<Result<Vec<_>>>()?;
+                Value::Array(addresses)
+            }
+            Kind::Choice(choices) => match value.as_str() {
+                Some(s) if choices.contains(&s) => value,
+                _ => bail!("{name} takes one of {}, not {value}", choices.join(", ")),
+            },
+        })
+    }
+}
+
+/// Parses an IPv4 address in dotted-quad form (e.g. 10.0.0.1), explaining
+/// what is wrong with anything else.
+pub fn parse_ipv4(what: &str, value: &Value) -> Result<Ipv4Addr> {
+    let Some(text) = value.as_str() else {
+        bail!("{what}: expected an IPv4 address such as 10.0.0.1, not {value}");
+    };
+    text.parse::<Ipv4Addr>().map_err(|_| {
+        let why = if text.contains(':') {
+            "that is an IPv6 address, and the pair is set up over IPv4"
+        } else {
+            "an IPv4 address is four numbers from 0 to 255 separated by dots"
+        };
+        anyhow::anyhow!("{what}: {text:?} is not an IPv4 address: {why}, e.g. 10.0.0.1")
+    })
+}
+
+/// The instance config of this host, as read from disk.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceConfig {
+    pub path: PathBuf,
+    root: Map<String, Value>,
+}
+
+impl InstanceConfig {
+    /// Reads the config at `path`; a missing file is an empty config (every
+    /// key at its default).
+    pub fn load(path: &Path) -> Result<InstanceConfig> {
+        let root = match files::read_optional(path)? {
+            None => Map::new(),
+            Some(text) if text.trim().is_empty() => Map::new(),
+            Some(text) => match serde_json::from_str::<Value>(&text) {
+                Ok(Value::Object(root)) => root,
+                Ok(_) => bail!(
+                    "{} is not a JSON object; restore it from a backup",
+                    path.display()
+                ),
+                Err(e) => bail!(
+                    "{} is not valid JSON ({e}); fix it or restore it from a backup. \
+                     hapair does not overwrite a config it can't read",
+                    path.display()
+                ),
+            },
+        };
+        Ok(InstanceConfig {
+            path: path.to_path_buf(),
+            root,
+        })
+    }
+
+    /// Takes the config's lock for a read-modify-write, creating the config
+    /// directory if needed. Held until the returned file is dropped.
+    pub fn lock(path: &Path) -> Result<File> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        if files::state(dir)?.is_none() {
+            files::ensure_dir(dir, DIR_MODE, None)?;
+        }
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let lock_path = dir.join(format!(".{name}.lock"));
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("can't open {}", lock_path.display()))?;
+        lock.lock()
+            .with_context(|| format!("can't lock {}", lock_path.display()))?;
+        Ok(lock)
+    }
+
+    /// The value stored for `key`, if any.
+    pub fn stored(&self, key: &str) -> Option<&Value> {
+        let mut segments = key.split('.');
+        let first = segments.next()?;
+        segments.try_fold(self.root.get(first)?, |node, segment| node.get(segment))
+    }
+
+    /// The value of `key`: stored, or else its default.
+    pub fn value(&self, key: &Key) -> Option<Value> {
+        self.stored(key.name)
+            .cloned()
+            .or_else(|| key.default_value())
+    }
+
+    /// Whether destructive work must be refused on this host.
+    pub fn is_protected(&self) -> bool {
+        // Anything but an explicit false protects: a hand-edited "no" too.
+        !matches!(self.stored(PROTECTED), Some(Value::Bool(false)))
+    }
+
+    /// Stores `value` at `key`, creating the objects on the way.
+    pub fn set(&mut self, key: &str, value: Value) -> Result<()> {
+        let segments: Vec<&str> = key.split('.').collect();
+        let (leaf, parents) = segments.split_last().context("empty key")?;
+        let mut node = &mut self.root;
+        for (depth, segment) in parents.iter().enumerate() {
+            let child = node
+                .entry(segment.to_string())
+                .or_insert_with(|| Value::Object(Map::new()));
+            node = child.as_object_mut().with_context(|| {
+                format!(
+                    "can't set {key}: {} holds a value, not a group of keys",
+                    segments[..=depth].join(".")
+                )
+            })?;
+        }
+        node.insert(leaf.to_string(), value);
+        Ok(())
+    }
+
+    /// Removes `key`, and any group it leaves empty. Returns the old value.
+    pub fn remove(&mut self, key: &str) -> Option<Value> {
+        fn remove_in(node: &mut Map<String, Value>, segments: &[&str]) -> Option<Value> {
+            match segments {
+                [] => None,
+                [leaf] => node.remove(*leaf),
+                [first, rest @ ..] => {
+                    let child = node.get_mut(*first)?.as_object_mut()?;
+                    let removed = remove_in(child, rest);
+                    if child.is_empty() {
+                        node.remove(*first);
+                    }
+                    removed
+                }
+            }
+        }
+        let segments: Vec<&str> = key.split('.').collect();
+        remove_in(&mut self.root, &segments)
+    }
+
+    /// The file's text: pretty JSON with sorted keys, so diffs are small.
+    pub fn render(&self) -> String {
+        let mut text = serde_json::to_string_pretty(&self.root).expect("a JSON map serializes");
+        text.push('\n');
+        text
+    }
+
+    /// Writes the config atomically. Take [`InstanceConfig::lock`] first.
+    pub fn save(&self) -> Result<()> {
+        files::write_atomic(&self.path, self.render().as_bytes(), FILE_MODE, None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn config(root: Value) -> InstanceConfig {
+        InstanceConfig {
+            path: "/nonexistent".into(),
+            root: root.as_object().unwrap().clone(),
+        }
+    }
+
+    #[test]
+    fn protection_defaults_to_on_and_only_an_explicit_false_lifts_it() {
+        assert!(config(json!({})).is_protected());
+        assert!(config(json!({"cluster": {"protected_instance": "no"}})).is_protected());
+        assert!(config(json!({"cluster": {"protected_instance": true}})).is_protected());
+        assert!(!config(json!({"cluster": {"protected_instance": false}})).is_protected());
+        let key = Key::parse(PROTECTED).unwrap();
+        assert_eq!(config(json!({})).value(&key), Some(json!(true)));
+    }
+
+    #[test]
+    fn set_and_remove_nest_and_prune() {
+        let mut c = config(json!({}));
+        c.set("cluster.hosts", json!(["10.0.0.1"])).unwrap();
+        c.set("app.version", json!("2024.1")).unwrap();
+        assert_eq!(c.stored("cluster.hosts"), Some(&json!(["10.0.0.1"])));
+        assert_eq!(c.remove("cluster.hosts"), Some(json!(["10.0.0.1"])));
+        assert_eq!(
+            c.root,
+            *json!({"app": {"version": "2024.1"}}).as_object().unwrap()
+        );
+        assert!(c.set("app.version.major", json!(1)).is_err());
+    }
+
+    #[test]
+    fn known_keys_are_typed() {
+        let coerce = |k: &str, v: Value| Key::parse(k).unwrap().coerce(v);
+        assert_eq!(coerce(PROTECTED, json!("False")).unwrap(), json!(false));
+        assert_eq!(coerce(PROTECTED, json!(true)).unwrap(), json!(true));
+        assert!(coerce(PROTECTED, json!("maybe")).is_err());
+        assert_eq!(coerce(APP_VERSION, json!(2021.4)).unwrap(), json!("2021.4"));
+        assert!(coerce(REPLICATION_MODE, json!("master")).is_err());
+        assert_eq!(
+            coerce(HOSTS, json!(["10.0.0.1", "10.0.0.2"])).unwrap(),
+            json!(["10.0.0.1", "10.0.0.2"])
+        );
+        assert_eq!(
+            coerce("custom.anything", json!([1, {"a": 2}])).unwrap(),
+            json!([1, {"a": 2}])
+        );
+    }
+
+    #[test]
+    fn bad_ipv4_addresses_are_explained() {
+        for bad in [
+            "10.0.0.256",
+            "abc",
+            "::1",
+            "fe80::1",
+            "10.0.0",
+            "010.0.0.1",
+            "",
+        ] {
+            let err = parse_ipv4("cluster.override_ip", &json!(bad))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("is not an IPv4 address"), "{bad}: {err}");
+            assert!(err.contains("e.g. 10.0.0.1"), "{bad}: {err}");
+        }
+        let v6 = parse_ipv4("x", &json!("::1")).unwrap_err().to_string();
+        assert!(v6.contains("IPv6"), "{v6}");
+        assert!(parse_ipv4("x", &json!(10)).is_err());
+        assert_eq!(
+            parse_ipv4("x", &json!("10.0.0.1")).unwrap(),
+            Ipv4Addr::new(10, 0, 0, 1)
+        );
+    }
+
+    #[test]
+    fn keys_in_the_cluster_namespace_must_be_known() {
+        let err = Key::parse("cluster.protected_instnace")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cluster.protected_instance"), "{err}");
+        assert!(Key::parse("app.custom_thing").unwrap().spec.is_none());
+        for bad in ["", ".x", "a..b", "a b", "a/b"] {
+            assert!(Key::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn load_refuses_a_corrupt_file_rather_than_starting_empty() {
+        let path =
+            std::env::temp_dir().join(format!("hapair-instance-{}.json", std::process::id()));
+        std::fs::write(&path, "{ not json").unwrap();
+        let err = InstanceConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("not valid JSON"), "{err}");
+        std::fs::remove_file(&path).unwrap();
+        assert!(InstanceConfig::load(&path).unwrap().root.is_empty());
+    }
+}

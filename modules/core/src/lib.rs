@@ -1,0 +1,35 @@
+//! The shared core of hapair's modules.
+//!
+//! Every hapair module is a small binary that performs one step of setting up
+//! an active/passive pair (see the repository README for the map of steps).
+//! What they have in common lives here, one concern per module:
+//!
+//! - [`protocol`]: how a module is called (by Ansible or by hand), how its
+//!   arguments are parsed and checked, and the one JSON object it answers.
+//! - [`secret`]: a string type for passwords that can't be printed by
+//!   accident, and the scrubbing of secrets from every output.
+//! - [`instance`]: the instance config (`/etc/hapair/instance.json`), the
+//!   keys it knows and their types.
+//! - [`files`]: atomic writes with owner and mode, and the file state that
+//!   idempotency compares against.
+//! - [`command`]: running external programs with captured output and errors
+//!   that say what ran and what it printed.
+//! - [`account`]: the cluster's OS account.
+//! - [`ssh`]: the pair's SSH keys.
+//!
+//! A module's `main` reads like its seed step: parse arguments, look at the
+//! host, plan, apply unless in check mode, report. Nothing here knows about a
+//! particular step.
+
+pub mod account;
+pub mod command;
+#[cfg(feature = "doc-check")]
+pub mod doc_check;
+pub mod files;
+pub mod instance;
+pub mod protocol;
+pub mod secret;
+pub mod ssh;
+
+pub use protocol::{Context, Diff, Outcome, Spec};
+pub use secret::Secret;

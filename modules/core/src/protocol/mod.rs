@@ -1,0 +1,226 @@
+//! The module protocol: how a hapair module is called and what it answers.
+//!
+//! A module is called in one of these ways:
+//!
+//! - **By Ansible**: `MODULE ARGS_FILE`. The file holds the task's options
+//!   plus Ansible's internal `_ansible_*` keys. Over SSH, Ansible gives the
+//!   module a pty that never ends, so stdin is never read in this form.
+//! - **By hand**: `MODULE '{"key": ...}'`, `MODULE --args-file FILE`, JSON
+//!   piped on stdin, or a module's own shorthand (`instance_conf KEY -s V`).
+//!   `--check` and `--diff` do what Ansible's flags do; `--help` prints the
+//!   module's documentation.
+//!
+//! Whatever happens, the module prints exactly one JSON object on stdout:
+//! `changed`, `failed`, `msg`, the module's own return values, `diff` when
+//! diff mode is on and something changed, and `warnings`. A failure is
+//! `"failed": true` with a message that says what to do, and a non-zero exit
+//! code ([`EXIT_FAILED`], or [`EXIT_BAD_ARGS`] when the call itself was
+//! wrong). A panic is reported the same way. On a terminal, a short summary
+//! for a person also goes to stderr.
+
+mod args;
+mod input;
+mod output;
+
+use std::io::{IsTerminal, Write};
+use std::panic::{self, AssertUnwindSafe};
+use std::process::ExitCode;
+
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+pub use args::{ansible_bool, ansible_bool_str, ansible_bool_value, field_names};
+pub use output::{Diff, Outcome};
+
+pub use input::{Call, Invocation, Source};
+
+/// Exit code of a module that ran and failed.
+pub const EXIT_FAILED: u8 = 1;
+/// Exit code when the call itself was wrong: bad JSON, unknown or mistyped
+/// options, an unreadable args file.
+pub const EXIT_BAD_ARGS: u8 = 2;
+
+/// What the core needs to know about a module besides its argument type.
+pub struct Spec {
+    /// The module's name, as Ansible and the README call it.
+    pub name: &'static str,
+    /// The sidecar documentation (`<name>.yml`), shown by `--help`.
+    pub doc: &'static str,
+    /// Turns a module's own command-line shorthand into its options, for
+    /// modules that have one (e.g. `instance_conf KEY -s VALUE`).
+    pub shorthand: Option<Shorthand>,
+}
+
+/// Turns command-line words into options, or says what is wrong with them.
+pub type Shorthand = fn(&[String]) -> Result<Map<String, Value>, String>;
+
+/// What a module sees of the call besides its options.
+#[derive(Debug, Default)]
+pub struct Context {
+    /// Compute and report what would change, but change nothing.
+    pub check_mode: bool,
+    /// Return a `diff` of what changed.
+    pub diff: bool,
+    /// Ansible's `-v` count.
+    pub verbosity: u8,
+    /// A person is watching stderr: progress may be shown there.
+    pub interactive: bool,
+    warnings: Vec<String>,
+}
+
+impl Context {
+    /// Adds a warning to the result; Ansible shows it in yellow.
+    pub fn warn(&mut self, warning: impl Into<String>) {
+        self.warnings.push(warning.into());
+    }
+}
+
+/// Runs a module: reads the call, parses the options into `A`, calls
+/// `module`, prints the result, and returns the exit code for `main`.
+pub fn run<A, F>(spec: &Spec, module: F) -> ExitCode
+where
+    A: DeserializeOwned,
+    F: FnOnce(A, &mut Context) -> anyhow::Result<Outcome>,
+{
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let interactive = std::io::stderr().is_terminal();
+    let invocation = match input::parse_argv(&argv) {
+        Ok(Invocation::Help) => {
+            print!("{}", input::help_text(spec));
+            return ExitCode::SUCCESS;
+        }
+        Ok(Invocation::Run(call)) => call,
+        Err(msg) => return finish(spec, Reply::bad_args(msg), interactive),
+    };
+    let stdin_is_terminal = std::io::stdin().is_terminal();
+    let reply = match input::read_options(spec, &invocation, stdin_is_terminal) {
+        Ok(options) => execute(options, &invocation, interactive, module),
+        Err(msg) => Reply::bad_args(msg),
+    };
+    finish(spec, reply, interactive)
+}
+
+/// The finished result of one call, before it is printed.
+#[derive(Debug)]
+pub struct Reply {
+    pub json: Value,
+    pub exit: u8,
+}
+
+impl Reply {
+    fn bad_args(msg: String) -> Reply {
+        Reply {
+            json: output::failure_json(&msg, &[]),
+            exit: EXIT_BAD_ARGS,
+        }
+    }
+}
+
+/// Parses `options` and runs `module` on them, catching panics. Separate
+/// from [`run`] so that it can be tested without a process.
+pub fn execute<A, F>(
+    options: Map<String, Value>,
+    invocation: &Call,
+    interactive: bool,
+    module: F,
+) -> Reply
+where
+    A: DeserializeOwned,
+    F: FnOnce(A, &mut Context) -> anyhow::Result<Outcome>,
+{
+    let parsed = match args::parse::<A>(options) {
+        Ok(parsed) => parsed,
+        Err(msg) => return Reply::bad_args(msg),
+    };
+    let mut ctx = Context {
+        check_mode: parsed.internal.check_mode || invocation.check,
+        diff: parsed.internal.diff || invocation.diff,
+        verbosity: parsed.internal.verbosity,
+        interactive,
+        warnings: parsed.warnings,
+    };
+    let result = catch_panic(|| module(parsed.args, &mut ctx));
+    match result {
+        Ok(Ok(outcome)) => {
+            let exit = if outcome.failed { EXIT_FAILED } else { 0 };
+            Reply {
+                json: outcome.into_json(&ctx),
+                exit,
+            }
+        }
+        Ok(Err(error)) => Reply {
+            // `{:#}` prints the whole chain of context: "what failed: why".
+            json: output::failure_json(&format!("{error:#}"), &ctx.warnings),
+            exit: EXIT_FAILED,
+        },
+        Err(panic_msg) => Reply {
+            json: output::failure_json(
+                &format!(
+                    "internal error: {panic_msg}. This is a bug in hapair; \
+                     please report it with the arguments you passed"
+                ),
+                &ctx.warnings,
+            ),
+            exit: EXIT_FAILED,
+        },
+    }
+}
+
+thread_local! {
+    static CAPTURING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static PANIC_MESSAGE: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f`, turning a panic into an `Err` with its message and location.
+/// The default hook would print a raw backtrace; while we capture, the hook
+/// records the message instead. Panics elsewhere (e.g. other tests) still
+/// reach the previous hook.
+fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        let previous = panic::take_hook();
+        panic::set_hook(Box::new(move |info| {
+            if CAPTURING.with(|c| c.get()) {
+                let payload = info.payload();
+                let text = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "panic".to_string());
+                let place = info
+                    .location()
+                    .map(|l| format!(" at {}:{}", l.file(), l.line()))
+                    .unwrap_or_default();
+                PANIC_MESSAGE.with(|m| *m.borrow_mut() = Some(format!("{text}{place}")));
+            } else {
+                previous(info);
+            }
+        }));
+    });
+    CAPTURING.with(|c| c.set(true));
+    let result = panic::catch_unwind(AssertUnwindSafe(f));
+    CAPTURING.with(|c| c.set(false));
+    result.map_err(|_| {
+        PANIC_MESSAGE
+            .with(|m| m.borrow_mut().take())
+            .unwrap_or_else(|| "panic".to_string())
+    })
+}
+
+/// Prints the reply: JSON on stdout (secrets scrubbed), and a summary for a
+/// person on stderr when it is a terminal.
+fn finish(spec: &Spec, reply: Reply, interactive: bool) -> ExitCode {
+    let text = crate::secret::scrub(&reply.json.to_string());
+    let mut stdout = std::io::stdout().lock();
+    // Nothing sensible is left to do if stdout is gone.
+    let _ = writeln!(stdout, "{text}");
+    let _ = stdout.flush();
+    if interactive {
+        let summary = output::human_summary(spec.name, &reply.json);
+        eprint!("{}", crate::secret::scrub(&summary));
+    }
+    ExitCode::from(reply.exit)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,130 @@
+//! What a module answers: [`Outcome`] and its JSON form.
+
+use serde::Serialize;
+use serde_json::{json, Map, Value};
+
+use super::Context;
+
+/// Keys the protocol owns; a module's return values can't use them.
+const RESERVED: &[&str] = &["changed", "failed", "msg", "diff", "warnings", "skipped"];
+
+/// The result of a module run: whether it changed the host, what to tell
+/// the operator, and the module's return values.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub changed: bool,
+    pub failed: bool,
+    pub msg: String,
+    pub diff: Option<Diff>,
+    values: Map<String, Value>,
+}
+
+/// Before and after, as Ansible's `--diff` shows them.
+#[derive(Debug, Clone, Serialize)]
+pub struct Diff {
+    pub before: String,
+    pub after: String,
+    pub before_header: String,
+    pub after_header: String,
+}
+
+impl Outcome {
+    /// A result that did or didn't change the host.
+    pub fn new(changed: bool, msg: impl Into<String>) -> Outcome {
+        Outcome {
+            changed,
+            msg: msg.into(),
+            ..Outcome::default()
+        }
+    }
+
+    /// The host was (or, in check mode, would be) changed.
+    pub fn changed(msg: impl Into<String>) -> Outcome {
+        Outcome {
+            changed: true,
+            msg: msg.into(),
+            ..Outcome::default()
+        }
+    }
+
+    /// The host already was as asked.
+    pub fn unchanged(msg: impl Into<String>) -> Outcome {
+        Outcome {
+            msg: msg.into(),
+            ..Outcome::default()
+        }
+    }
+
+    /// The module failed, but has return values worth giving (a report,
+    /// say). For plain errors, return `Err` instead.
+    pub fn failed(msg: impl Into<String>) -> Outcome {
+        Outcome {
+            failed: true,
+            msg: msg.into(),
+            ..Outcome::default()
+        }
+    }
+
+    /// Adds a return value.
+    ///
+    /// # Panics
+    /// When `key` is one the protocol owns (`changed`, `msg` ...): that is a
+    /// bug in the module, caught by its tests.
+    pub fn with(mut self, key: &str, value: impl Serialize) -> Outcome {
+        assert!(!RESERVED.contains(&key), "return value {key} is reserved");
+        let value = serde_json::to_value(value).unwrap_or(Value::Null);
+        self.values.insert(key.to_string(), value);
+        self
+    }
+
+    pub fn with_diff(mut self, diff: Diff) -> Outcome {
+        self.diff = Some(diff);
+        self
+    }
+
+    pub(super) fn into_json(self, ctx: &Context) -> Value {
+        let mut object = Map::new();
+        object.insert("changed".into(), Value::Bool(self.changed));
+        object.insert("failed".into(), Value::Bool(self.failed));
+        object.insert("msg".into(), Value::String(self.msg));
+        object.extend(self.values);
+        if let Some(diff) = self.diff.filter(|_| ctx.diff && self.changed) {
+            object.insert("diff".into(), json!(diff));
+        }
+        if !ctx.warnings.is_empty() {
+            object.insert("warnings".into(), json!(ctx.warnings));
+        }
+        Value::Object(object)
+    }
+}
+
+/// The JSON of a failure with nothing but a message (and any warnings).
+pub fn failure_json(msg: &str, warnings: &[String]) -> Value {
+    let mut object = json!({ "changed": false, "failed": true, "msg": msg });
+    if !warnings.is_empty() {
+        object["warnings"] = json!(warnings);
+    }
+    object
+}
+
+/// A few lines for a person at a terminal, e.g.
+/// `instance_conf: changed: cluster.protected_instance set to false`.
+pub fn human_summary(module: &str, reply: &Value) -> String {
+    let state = if reply["failed"] == true {
+        "FAILED"
+    } else if reply["changed"] == true {
+        "changed"
+    } else {
+        "ok"
+    };
+    let mut text = format!(
+        "{module}: {state}: {}\n",
+        reply["msg"].as_str().unwrap_or("")
+    );
+    if let Some(warnings) = reply["warnings"].as_array() {
+        for warning in warnings {
+            text.push_str(&format!("  warning: {}\n", warning.as_str().unwrap_or("")));
+        }
+    }
+    text
+}
