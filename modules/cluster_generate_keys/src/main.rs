@@ -1,0 +1,365 @@
+//! `cluster_generate_keys`: seed step 2.
+//!
+//! Makes sure the cluster account exists and has an ed25519 key pair, and
+//! returns the public key and its fingerprint for the key exchange (seed
+//! step 3, `replication_helper`). An existing key is kept: replacing it would
+//! lock this host out of its peer. Only `force: true` replaces it, and even
+//! then the old pair is kept beside the new one.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context as _, Result};
+use hapair_core::account::{self, Account};
+use hapair_core::files::{self, Owner};
+use hapair_core::protocol::{self, ansible_bool};
+use hapair_core::ssh::{self, KeyPair};
+use hapair_core::{Context, Diff, Outcome, Spec};
+use serde::Deserialize;
+
+const SPEC: Spec = Spec {
+    name: "cluster_generate_keys",
+    doc: include_str!("../cluster_generate_keys.yml"),
+    shorthand: None,
+};
+
+const SSH_DIR_MODE: u32 = 0o700;
+const PRIVATE_KEY_MODE: u32 = 0o600;
+const PUBLIC_KEY_MODE: u32 = 0o644;
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+struct Args {
+    #[serde(default = "default_account")]
+    account: String,
+    /// Home of the account when it has to be created.
+    #[serde(default)]
+    home: Option<PathBuf>,
+    /// Replace an existing key pair.
+    #[serde(default, deserialize_with = "ansible_bool")]
+    force: bool,
+    /// The key's comment; `<account>@<hostname>` when not given.
+    #[serde(default)]
+    comment: Option<String>,
+}
+
+fn default_account() -> String {
+    account::DEFAULT_NAME.to_string()
+}
+
+/// One thing to do to the host, in order.
+#[derive(Debug, Clone, PartialEq)]
+enum Step {
+    CreateAccount {
+        home: PathBuf,
+    },
+    MakeSshDir,
+    FixSshDir,
+    /// Move the current pair aside to these paths, then generate.
+    SetAsideKey {
+        private: PathBuf,
+        public: PathBuf,
+    },
+    GenerateKey,
+    FixPrivateKey,
+    WritePublicKey,
+}
+
+impl Step {
+    fn describe(&self, account: &str, pair: &KeyPair) -> String {
+        match self {
+            Step::CreateAccount { home } => {
+                format!("create account {account} with home {}", home.display())
+            }
+            Step::MakeSshDir => "create ~/.ssh (0700)".to_string(),
+            Step::FixSshDir => format!("give ~/.ssh mode 0700 and owner {account}"),
+            Step::SetAsideKey { private, .. } => {
+                format!("keep the old key pair as {}", private.display())
+            }
+            Step::GenerateKey => {
+                format!("generate an ed25519 key pair at {}", pair.private.display())
+            }
+            Step::FixPrivateKey => format!(
+                "give {} mode 0600 and owner {account}",
+                pair.private.display()
+            ),
+            Step::WritePublicKey => {
+                format!("write {} from the private key", pair.public.display())
+            }
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    protocol::run(&SPEC, cluster_generate_keys)
+}
+
+fn cluster_generate_keys(args: Args, ctx: &mut Context) -> Result<Outcome> {
+    account::check_name(&args.account)?;
+    let existing = Account::lookup(&args.account)?;
+    let home = match (&existing, &args.home) {
+        (Some(found), _) => found.home.clone(),
+        (None, Some(home)) => home.clone(),
+        (None, None) => Path::new(account::DEFAULT_HOME_BASE).join(&args.account),
+    };
+    let pair = KeyPair::in_ssh_dir(&home.join(".ssh"));
+    let before_public = match &existing {
+        Some(_) => pair.read_public()?,
+        None => None,
+    };
+
+    let steps = plan(&args, existing.as_ref(), &home, &pair)?;
+    let descriptions: Vec<String> = steps
+        .iter()
+        .map(|s| s.describe(&args.account, &pair))
+        .collect();
+
+    if ctx.check_mode || steps.is_empty() {
+        let msg = if steps.is_empty() {
+            format!("{} already has its key pair", args.account)
+        } else {
+            format!("would {}", descriptions.join(", then "))
+        };
+        let fingerprint = match &before_public {
+            Some(_) => Some(pair.fingerprint()?.hash),
+            None => None,
+        };
+        return Ok(result(
+            Outcome::new(!steps.is_empty(), msg),
+            &args.account,
+            &pair,
+            before_public.as_deref(),
+            fingerprint,
+            &descriptions,
+        ));
+    }
+
+    let mut account = existing;
+    for step in &steps {
+        apply(step, &args, &mut account, &pair)?;
+    }
+    let public = pair
+        .read_public()?
+        .context("the public key is missing after generating it")?;
+    let fingerprint = pair.fingerprint()?.hash;
+    let outcome = Outcome::changed(capitalise(&descriptions.join(", then "))).with_diff(Diff {
+        before: before_public.map(|k| k + "\n").unwrap_or_default(),
+        after: format!("{public}\n"),
+        before_header: pair.public.display().to_string(),
+        after_header: pair.public.display().to_string(),
+    });
+    Ok(result(
+        outcome,
+        &args.account,
+        &pair,
+        Some(&public),
+        Some(fingerprint),
+        &descriptions,
+    ))
+}
+
+/// Compares the host with what it should be, and lists the steps between.
+fn plan(args: &Args, existing: Option<&Account>, home: &Path, pair: &KeyPair) -> Result<Vec<Step>> {
+    let Some(account) = existing else {
+        return Ok(vec![
+            Step::CreateAccount {
+                home: home.to_path_buf(),
+            },
+            Step::MakeSshDir,
+            Step::GenerateKey,
+        ]);
+    };
+    let owner = Some(account.owner());
+    let mut steps = Vec::new();
+    let ssh_dir = pair.private.parent().expect("the key is in ~/.ssh");
+    match files::state(ssh_dir)? {
+        None => steps.push(Step::MakeSshDir),
+        Some(state) if !state.is_dir => {
+            bail!(
+                "{} exists but is not a directory; move it away",
+                ssh_dir.display()
+            )
+        }
+        Some(state) if !files::has_mode_owner(&state, SSH_DIR_MODE, owner) => {
+            steps.push(Step::FixSshDir)
+        }
+        Some(_) => {}
+    }
+    let Some(private) = files::state(&pair.private)? else {
+        steps.push(Step::GenerateKey);
+        return Ok(steps);
+    };
+    if args.force {
+        let suffix = format!("replaced-{}", unix_time());
+        steps.push(Step::SetAsideKey {
+            private: with_suffix(&pair.private, &suffix),
+            public: with_suffix(&pair.public, &suffix),
+        });
+        steps.push(Step::GenerateKey);
+        return Ok(steps);
+    }
+    check_key_type(pair)?;
+    if !files::has_mode_owner(&private, PRIVATE_KEY_MODE, owner) {
+        steps.push(Step::FixPrivateKey);
+    }
+    let derived = pair.derive_public()?;
+    let written = pair.read_public()?;
+    let public_ok = written
+        .as_deref()
+        .is_some_and(|w| ssh::same_key(w, &derived))
+        && files::state(&pair.public)?
+            .is_some_and(|s| files::has_mode_owner(&s, PUBLIC_KEY_MODE, owner));
+    if !public_ok {
+        steps.push(Step::WritePublicKey);
+    }
+    Ok(steps)
+}
+
+/// An existing key of another type is not ours to keep or to replace
+/// silently.
+fn check_key_type(pair: &KeyPair) -> Result<()> {
+    let derived = pair.derive_public().with_context(|| {
+        format!(
+            "{} exists but can't be read as a key without a passphrase; move it away, \
+             or pass force: true to replace it (the old one is kept beside it)",
+            pair.private.display()
+        )
+    })?;
+    if !derived.starts_with("ssh-ed25519 ") {
+        bail!(
+            "{} holds a {} key, not ed25519; pass force: true to replace it \
+             (the old one is kept beside it)",
+            pair.private.display(),
+            derived.split_whitespace().next().unwrap_or("different")
+        );
+    }
+    Ok(())
+}
+
+fn apply(step: &Step, args: &Args, account: &mut Option<Account>, pair: &KeyPair) -> Result<()> {
+    let owner = |account: &Option<Account>| -> Result<Owner> {
+        Ok(account
+            .as_ref()
+            .context("the account exists by now")?
+            .owner())
+    };
+    let ssh_dir = pair.private.parent().expect("the key is in ~/.ssh");
+    match step {
+        Step::CreateAccount { home } => *account = Some(Account::create(&args.account, home)?),
+        Step::MakeSshDir | Step::FixSshDir => {
+            files::ensure_dir(ssh_dir, SSH_DIR_MODE, Some(owner(account)?))?;
+        }
+        Step::SetAsideKey { private, public } => {
+            std::fs::rename(&pair.private, private)
+                .with_context(|| format!("can't move {} aside", pair.private.display()))?;
+            if pair.public.exists() {
+                std::fs::rename(&pair.public, public)
+                    .with_context(|| format!("can't move {} aside", pair.public.display()))?;
+            }
+        }
+        Step::GenerateKey => {
+            let comment = match &args.comment {
+                Some(comment) => comment.clone(),
+                None => format!("{}@{}", args.account, hostname()),
+            };
+            pair.generate(&comment)?;
+            let owner = Some(owner(account)?);
+            files::ensure_mode_owner(&pair.private, PRIVATE_KEY_MODE, owner)?;
+            files::ensure_mode_owner(&pair.public, PUBLIC_KEY_MODE, owner)?;
+        }
+        Step::FixPrivateKey => {
+            files::ensure_mode_owner(&pair.private, PRIVATE_KEY_MODE, Some(owner(account)?))?;
+        }
+        Step::WritePublicKey => {
+            let derived = pair.derive_public()?;
+            files::write_atomic(
+                &pair.public,
+                format!("{derived}\n").as_bytes(),
+                PUBLIC_KEY_MODE,
+                Some(owner(account)?),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn result(
+    outcome: Outcome,
+    account: &str,
+    pair: &KeyPair,
+    public_key: Option<&str>,
+    fingerprint: Option<String>,
+    actions: &[String],
+) -> Outcome {
+    outcome
+        .with("account", account)
+        .with("private_key_path", &pair.private)
+        .with("public_key_path", &pair.public)
+        .with("public_key", public_key)
+        .with("fingerprint", fingerprint)
+        .with("actions", actions)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".to_string())
+}
+
+fn unix_time() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{suffix}"));
+    PathBuf::from(name)
+}
+
+fn capitalise(text: &str) -> String {
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn documentation_matches_the_options() {
+        hapair_core::doc_check::assert_doc_matches::<Args>(SPEC.doc, json!({}));
+    }
+
+    #[test]
+    fn a_missing_account_plans_everything() {
+        let args: Args = serde_json::from_value(json!({})).unwrap();
+        let pair = KeyPair::in_ssh_dir(Path::new("/var/lib/hapair/.ssh"));
+        let steps = plan(&args, None, Path::new("/var/lib/hapair"), &pair).unwrap();
+        assert_eq!(
+            steps,
+            vec![
+                Step::CreateAccount {
+                    home: "/var/lib/hapair".into()
+                },
+                Step::MakeSshDir,
+                Step::GenerateKey
+            ]
+        );
+    }
+
+    #[test]
+    fn backups_get_a_suffix() {
+        assert_eq!(
+            with_suffix(Path::new("/h/.ssh/id_ed25519"), "replaced-5"),
+            PathBuf::from("/h/.ssh/id_ed25519.replaced-5")
+        );
+    }
+}
