@@ -90,14 +90,14 @@ where
             return ExitCode::SUCCESS;
         }
         Ok(Invocation::Run(call)) => call,
-        Err(msg) => return finish(spec, Reply::bad_args(msg), interactive),
+        Err(msg) => return finish(spec, Reply::bad_args(msg, interactive)),
     };
     let stdin_is_terminal = std::io::stdin().is_terminal();
     let reply = match input::read_options(spec, &invocation, stdin_is_terminal) {
         Ok(options) => execute(options, &invocation, interactive, module),
-        Err(msg) => Reply::bad_args(msg),
+        Err(msg) => Reply::bad_args(msg, interactive),
     };
-    finish(spec, reply, interactive)
+    finish(spec, reply)
 }
 
 /// The finished result of one call, before it is printed.
@@ -105,13 +105,16 @@ where
 pub struct Reply {
     pub json: Value,
     pub exit: u8,
+    /// Whether a person reads stderr (a summary is printed there).
+    pub interactive: bool,
 }
 
 impl Reply {
-    fn bad_args(msg: String) -> Reply {
+    fn bad_args(msg: String, interactive: bool) -> Reply {
         Reply {
             json: output::failure_json(&msg, &[]),
             exit: EXIT_BAD_ARGS,
+            interactive,
         }
     }
 }
@@ -130,39 +133,41 @@ where
 {
     let parsed = match args::parse::<A>(options) {
         Ok(parsed) => parsed,
-        Err(msg) => return Reply::bad_args(msg),
+        Err(msg) => return Reply::bad_args(msg, interactive),
     };
     let mut ctx = Context {
         check_mode: parsed.internal.check_mode || invocation.check,
         diff: parsed.internal.diff || invocation.diff,
         verbosity: parsed.internal.verbosity,
-        interactive,
+        interactive: interactive && !parsed.internal.from_ansible,
         warnings: parsed.warnings,
     };
     let result = catch_panic(|| module(parsed.args, &mut ctx));
-    match result {
+    let (json, exit) = match result {
         Ok(Ok(outcome)) => {
             let exit = if outcome.failed { EXIT_FAILED } else { 0 };
-            Reply {
-                json: outcome.into_json(&ctx),
-                exit,
-            }
+            (outcome.into_json(&ctx), exit)
         }
-        Ok(Err(error)) => Reply {
-            // `{:#}` prints the whole chain of context: "what failed: why".
-            json: output::failure_json(&format!("{error:#}"), &ctx.warnings),
-            exit: EXIT_FAILED,
-        },
-        Err(panic_msg) => Reply {
-            json: output::failure_json(
+        // `{:#}` prints the whole chain of context: "what failed: why".
+        Ok(Err(error)) => (
+            output::failure_json(&format!("{error:#}"), &ctx.warnings),
+            EXIT_FAILED,
+        ),
+        Err(panic_msg) => (
+            output::failure_json(
                 &format!(
                     "internal error: {panic_msg}. This is a bug in hapair; \
                      please report it with the arguments you passed"
                 ),
                 &ctx.warnings,
             ),
-            exit: EXIT_FAILED,
-        },
+            EXIT_FAILED,
+        ),
+    };
+    Reply {
+        json,
+        exit,
+        interactive: ctx.interactive,
     }
 }
 
@@ -209,13 +214,13 @@ fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
 
 /// Prints the reply: JSON on stdout (secrets scrubbed), and a summary for a
 /// person on stderr when it is a terminal.
-fn finish(spec: &Spec, reply: Reply, interactive: bool) -> ExitCode {
+fn finish(spec: &Spec, reply: Reply) -> ExitCode {
     let text = crate::secret::scrub(&reply.json.to_string());
     let mut stdout = std::io::stdout().lock();
     // Nothing sensible is left to do if stdout is gone.
     let _ = writeln!(stdout, "{text}");
     let _ = stdout.flush();
-    if interactive {
+    if reply.interactive {
         let summary = output::human_summary(spec.name, &reply.json);
         eprint!("{}", crate::secret::scrub(&summary));
     }

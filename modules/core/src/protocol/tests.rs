@@ -30,10 +30,15 @@ fn object(value: Value) -> Map<String, Value> {
 
 /// Runs the probe module on `options` and returns its reply.
 fn call(options: Value, cli: &Call) -> Reply {
+    call_on_terminal(options, cli, false)
+}
+
+/// Like [`call`], with stderr a terminal or not.
+fn call_on_terminal(options: Value, cli: &Call, terminal: bool) -> Reply {
     execute(
         object(options),
         cli,
-        false,
+        terminal,
         |args: Args, ctx: &mut Context| {
             if args.name == "boom" {
                 panic!("kaboom {}", args.count);
@@ -274,6 +279,22 @@ fn a_panic_becomes_a_json_failure() {
     let msg = reply.json["msg"].as_str().unwrap();
     assert!(msg.starts_with("internal error: kaboom 7 at "), "{msg}");
     assert!(msg.contains("bug in hapair"), "{msg}");
+}
+
+#[test]
+fn ansible_is_never_taken_for_a_person_even_on_its_pty() {
+    // Over SSH Ansible runs modules on a pty, where stderr is a terminal and
+    // is merged into stdout: a summary there would corrupt the JSON.
+    let by_ansible = call_on_terminal(
+        json!({"name": "x", "_ansible_verbosity": 0}),
+        &Call::default(),
+        true,
+    );
+    assert!(!by_ansible.interactive);
+    let by_hand = call_on_terminal(json!({"name": "x"}), &Call::default(), true);
+    assert!(by_hand.interactive);
+    let piped = call_on_terminal(json!({"name": "x"}), &Call::default(), false);
+    assert!(!piped.interactive);
 }
 
 #[test]
