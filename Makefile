@@ -1,0 +1,74 @@
+# hapair: build, stage, test and demo. `make help` lists the targets.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+ANSIBLE_PLAYBOOK := $(VENV)/bin/ansible-playbook
+LIBRARY := playbooks/library
+# Every crate under modules/ but the shared core is a module.
+MODULES := $(filter-out core,$(patsubst modules/%/Cargo.toml,%,$(wildcard modules/*/Cargo.toml)))
+# `make fleet-up FLEET=name HOSTS=n NET=k` starts hosts on 198.18.k.0/24.
+FLEET ?= demo
+HOSTS ?= 2
+NET ?= 0
+
+export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
+
+.PHONY: help build stage venv maven-deps image fleet-up fleet-down demo test test-unit test-fleet lint clean
+
+help: ## List the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+build: ## Build every module (release: small, stripped)
+	cargo build --release --workspace --bins
+
+stage: build ## Put the modules and their docs where the playbooks find them
+	@mkdir -p $(LIBRARY)
+	@for m in $(MODULES); do \
+	  install -m 0755 target/release/$$m $(LIBRARY)/$$m && \
+	  install -m 0644 modules/$$m/$$m.yml $(LIBRARY)/$$m.yml; \
+	done
+	@echo "staged in $(LIBRARY): $(MODULES)"
+
+venv: $(VENV)/.installed ## Create the Python venv with ansible-core (pinned)
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+	@touch $@
+
+maven-deps: ## Fetch Kafka's jars for the test image into the local Maven cache
+	mvn -q -B -Dstyle.color=never -f tests/fleet/kafka/pom.xml dependency:resolve
+
+image: ## Build the test hosts' image (skipped when its inputs are unchanged)
+	tests/fleet/build-image
+
+fleet-up: ## Start a fleet of test hosts (FLEET=demo HOSTS=2 NET=0)
+	tests/fleet/fleet up $(FLEET) $(HOSTS) $(NET)
+
+fleet-down: ## Remove a fleet of test hosts (FLEET=demo)
+	tests/fleet/fleet down $(FLEET)
+
+demo: venv stage fleet-up ## Start a pair and set it up with the playbook
+	$(ANSIBLE_PLAYBOOK) -i inventory/fleet-$(FLEET).ini playbooks/ha_setup.yml --diff
+	@echo
+	@echo "Run it again (nothing changes):  $(ANSIBLE_PLAYBOOK) -i inventory/fleet-$(FLEET).ini playbooks/ha_setup.yml"
+	@echo "Log in:                          ssh -F target/fleet/$(FLEET)/ssh_config 198.18.$(NET).11"
+	@echo "Remove the pair:                 make fleet-down"
+
+test: test-unit test-fleet ## Run every test: unit, then modules and playbooks on real hosts
+
+test-unit: ## Unit tests of the core and the modules (no hosts)
+	cargo test --workspace --exclude hapair-tests
+
+test-fleet: venv stage image ## Module and end-to-end tests on fleet hosts
+	cargo test -p hapair-tests
+
+lint: ## Formatting and clippy, as required before each commit
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+clean: ## Remove build output, staged modules and fleet state
+	cargo clean
+	rm -rf $(LIBRARY) inventory/fleet-*.ini
