@@ -13,9 +13,6 @@ use serde_json::{Map, Value};
 /// Ansible's internal keys that change what the module does.
 #[derive(Debug, Default)]
 pub struct Internal {
-    /// Any `_ansible_*` key was given: Ansible is the caller, not a person,
-    /// even when stderr looks like a terminal (its SSH pty).
-    pub from_ansible: bool,
     pub check_mode: bool,
     pub diff: bool,
     pub verbosity: u8,
@@ -35,10 +32,7 @@ pub fn parse<A: DeserializeOwned>(mut options: Map<String, Value>) -> Result<Par
         .filter(|k| k.starts_with("_ansible_"))
         .cloned()
         .collect();
-    let mut internal = Internal {
-        from_ansible: !internal_keys.is_empty(),
-        ..Internal::default()
-    };
+    let mut internal = Internal::default();
     for key in internal_keys {
         let value = options.remove(&key).unwrap_or(Value::Null);
         let flag = || {

@@ -131,6 +131,10 @@ where
     A: DeserializeOwned,
     F: FnOnce(A, &mut Context) -> anyhow::Result<Outcome>,
 {
+    // Over SSH Ansible runs modules on a pty: stderr looks like a terminal
+    // but is merged into stdout. Its calls carry _ansible_* keys.
+    let from_ansible = options.keys().any(|k| k.starts_with("_ansible_"));
+    let interactive = interactive && !from_ansible;
     let parsed = match args::parse::<A>(options) {
         Ok(parsed) => parsed,
         Err(msg) => return Reply::bad_args(msg, interactive),
@@ -139,7 +143,7 @@ where
         check_mode: parsed.internal.check_mode || invocation.check,
         diff: parsed.internal.diff || invocation.diff,
         verbosity: parsed.internal.verbosity,
-        interactive: interactive && !parsed.internal.from_ansible,
+        interactive,
         warnings: parsed.warnings,
     };
     let result = catch_panic(|| module(parsed.args, &mut ctx));

@@ -295,6 +295,13 @@ fn ansible_is_never_taken_for_a_person_even_on_its_pty() {
     assert!(by_hand.interactive);
     let piped = call_on_terminal(json!({"name": "x"}), &Call::default(), false);
     assert!(!piped.interactive);
+    let bad_by_ansible = call_on_terminal(
+        json!({"nme": "x", "_ansible_diff": false}),
+        &Call::default(),
+        true,
+    );
+    assert_eq!(bad_by_ansible.exit, EXIT_BAD_ARGS);
+    assert!(!bad_by_ansible.interactive);
 }
 
 #[test]
