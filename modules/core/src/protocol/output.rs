@@ -40,19 +40,12 @@ impl Outcome {
 
     /// The host was (or, in check mode, would be) changed.
     pub fn changed(msg: impl Into<String>) -> Outcome {
-        Outcome {
-            changed: true,
-            msg: msg.into(),
-            ..Outcome::default()
-        }
+        Outcome::new(true, msg)
     }
 
     /// The host already was as asked.
     pub fn unchanged(msg: impl Into<String>) -> Outcome {
-        Outcome {
-            msg: msg.into(),
-            ..Outcome::default()
-        }
+        Outcome::new(false, msg)
     }
 
     /// The module failed, but has return values worth giving (a report,
@@ -60,8 +53,7 @@ impl Outcome {
     pub fn failed(msg: impl Into<String>) -> Outcome {
         Outcome {
             failed: true,
-            msg: msg.into(),
-            ..Outcome::default()
+            ..Outcome::new(false, msg)
         }
     }
 
