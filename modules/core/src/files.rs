@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
 
+use crate::protocol::Diff;
+
 /// Who should own a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Owner {
@@ -142,6 +144,69 @@ fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .with_context(|| format!("can't sync directory {}", dir.display()))
+}
+
+/// Files to rewrite, each with its new text, owner and mode: planned first
+/// (so check mode can report them), written together by [`FilePlan::apply`].
+#[derive(Debug, Default)]
+pub struct FilePlan {
+    pub changes: Vec<FileChange>,
+}
+
+/// One file of a [`FilePlan`].
+#[derive(Debug)]
+pub struct FileChange {
+    pub path: PathBuf,
+    pub text: String,
+    pub mode: u32,
+    pub owner: Option<Owner>,
+    /// What will be done, for messages.
+    pub action: String,
+    pub diff: Diff,
+}
+
+impl FilePlan {
+    /// Plans `path` to hold `edit(current text)`, with `mode` and `owner`.
+    pub fn file(
+        &mut self,
+        path: &Path,
+        edit: impl FnOnce(&str) -> String,
+        mode: u32,
+        owner: Option<Owner>,
+    ) -> Result<()> {
+        let current = read_optional(path)?;
+        let text = edit(current.as_deref().unwrap_or(""));
+        let state_ok = state(path)?.is_some_and(|s| has_mode_owner(&s, mode, owner));
+        if current.as_deref() == Some(text.as_str()) && state_ok {
+            return Ok(());
+        }
+        self.changes.push(FileChange {
+            path: path.to_path_buf(),
+            action: format!("write {}", path.display()),
+            diff: Diff {
+                before: current.unwrap_or_default(),
+                after: text.clone(),
+                before_header: path.display().to_string(),
+                after_header: path.display().to_string(),
+            },
+            text,
+            mode,
+            owner,
+        });
+        Ok(())
+    }
+
+    pub fn apply(&self) -> Result<()> {
+        for change in &self.changes {
+            write_atomic(
+                &change.path,
+                change.text.as_bytes(),
+                change.mode,
+                change.owner,
+            )?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

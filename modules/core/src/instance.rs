@@ -195,6 +195,26 @@ impl<'a> Key<'a> {
     }
 }
 
+/// Checks what only this host can tell: an override IP must be one of its
+/// own addresses, or the peer would be told to reach it somewhere else.
+pub fn check_on_this_host(key: &Key, value: &Value) -> Result<()> {
+    if key.name != OVERRIDE_IP {
+        return Ok(());
+    }
+    let address = parse_ipv4(key.name, value)?;
+    let own = crate::net::host_ipv4_addresses()?;
+    if !own.contains(&address) {
+        let own: Vec<String> = own.iter().map(|a| a.to_string()).collect();
+        bail!(
+            "{address} is not an address of this host (its addresses are {}): set \
+             cluster.override_ip on each host to that host's own address, the one its peer \
+             reaches it at",
+            own.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// Parses an IPv4 address in dotted-quad form (e.g. 10.0.0.1), explaining
 /// what is wrong with anything else.
 pub fn parse_ipv4(what: &str, value: &Value) -> Result<Ipv4Addr> {

@@ -15,7 +15,8 @@
 //! - [`command`]: running external programs with captured output and errors
 //!   that say what ran and what it printed.
 //! - [`account`]: the cluster's OS account.
-//! - [`ssh`]: the pair's SSH keys.
+//! - [`ssh`]: the pair's SSH keys, authorized_keys and pinned host keys.
+//! - [`net`]: this host's addresses, and probes of a peer's ports.
 //!
 //! A module's `main` reads like its seed step: parse arguments, look at the
 //! host, plan, apply unless in check mode, report. Nothing here knows about a
@@ -27,6 +28,7 @@ pub mod command;
 pub mod doc_check;
 pub mod files;
 pub mod instance;
+pub mod net;
 pub mod protocol;
 pub mod secret;
 pub mod ssh;

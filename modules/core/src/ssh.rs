@@ -1,10 +1,186 @@
-//! The pair's SSH keys.
+//! The pair's SSH keys, and the trust between the two hosts: the peer's key
+//! in `authorized_keys` (only from the peer's address), and the peer's host
+//! key pinned in `known_hosts`.
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 
 use crate::command::Command;
+
+/// Where sshd keeps this host's ed25519 host key.
+pub const HOST_KEY_PATH: &str = "/etc/ssh/ssh_host_ed25519_key.pub";
+
+/// Key types an OpenSSH public key line may start with.
+const KEY_TYPES: &[&str] = &[
+    "ssh-ed25519",
+    "ssh-rsa",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+];
+
+/// An OpenSSH public key: `TYPE BASE64 [COMMENT]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicKey {
+    pub key_type: String,
+    pub base64: String,
+    pub comment: String,
+}
+
+impl PublicKey {
+    /// Parses a public key line without asking ssh-keygen; see
+    /// [`PublicKey::validate`] for the full check.
+    pub fn parse(line: &str) -> Result<PublicKey> {
+        let line = line.trim();
+        let example = "expected one line such as 'ssh-ed25519 AAAAC3Nza... hapair@peer'";
+        if line.contains('\n') || line.contains('\r') {
+            bail!("an SSH public key is one line; {example}");
+        }
+        let mut words = line.split_whitespace();
+        let (Some(key_type), Some(base64)) = (words.next(), words.next()) else {
+            bail!("{line:?} is not an SSH public key: {example}");
+        };
+        if !KEY_TYPES.contains(&key_type) {
+            bail!("{key_type:?} is not an SSH key type: {example}");
+        }
+        let base64_ok = base64.len() >= 16
+            && base64
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+/=".contains(c));
+        if !base64_ok {
+            bail!("the key data of {key_type} is not base64: {example}");
+        }
+        Ok(PublicKey {
+            key_type: key_type.to_string(),
+            base64: base64.to_string(),
+            comment: words.collect::<Vec<_>>().join(" "),
+        })
+    }
+
+    /// Parses the line, then has ssh-keygen read it: a key that passes is a
+    /// real key, not just something shaped like one.
+    pub fn validate(line: &str) -> Result<PublicKey> {
+        let key = PublicKey::parse(line)?;
+        let out = Command::new("ssh-keygen")
+            .args(["-l", "-f", "-"])
+            .stdin(format!("{}\n", key.line()))
+            .output()?;
+        if !out.success() {
+            bail!(
+                "ssh-keygen can't read the {} key {}...: it is damaged or truncated \
+                 (copy the whole line)",
+                key.key_type,
+                &key.base64[..12.min(key.base64.len())]
+            );
+        }
+        Ok(key)
+    }
+
+    /// `TYPE BASE64`: what identifies the key, comment aside.
+    pub fn material(&self) -> String {
+        format!("{} {}", self.key_type, self.base64)
+    }
+
+    /// The whole line, comment included.
+    pub fn line(&self) -> String {
+        if self.comment.is_empty() {
+            self.material()
+        } else {
+            format!("{} {}", self.material(), self.comment)
+        }
+    }
+}
+
+/// This host's ed25519 host key.
+pub fn own_host_key() -> Result<PublicKey> {
+    let text = std::fs::read_to_string(HOST_KEY_PATH)
+        .with_context(|| format!("can't read this host's SSH host key {HOST_KEY_PATH}"))?;
+    PublicKey::parse(&text)
+}
+
+/// Asks `host` for its ed25519 host key over the network (trust on first
+/// use: prefer a key read on the host itself).
+pub fn scan_host_key(host: Ipv4Addr, timeout: Duration) -> Result<PublicKey> {
+    let out = Command::new("ssh-keyscan")
+        .args(["-T", &timeout.as_secs().max(1).to_string(), "-t", "ed25519"])
+        .arg(host.to_string())
+        .output()?;
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .with_context(|| {
+            format!("{host} did not answer ssh-keyscan on port 22 within {timeout:?}")
+        })?;
+    let key = line.split_once(' ').map_or("", |(_, key)| key);
+    PublicKey::parse(key)
+}
+
+/// The `authorized_keys` line that lets `key` in from `from` only, with no
+/// forwarding and no pty: enough for rsync and commands, nothing more.
+pub fn authorized_entry(key: &PublicKey, from: Ipv4Addr) -> String {
+    format!("from=\"{from}\",restrict {}", key.line())
+}
+
+/// `current` (an authorized_keys file) with `key` let in from `from` only.
+/// Any other entry for the same key is replaced, so an old entry without
+/// `from=` can't outlive this one. Other keys are left as they are.
+pub fn authorized_keys_with(current: &str, key: &PublicKey, from: Ipv4Addr) -> String {
+    let entry = authorized_entry(key, from);
+    let mut lines: Vec<&str> = current
+        .lines()
+        .filter(|line| line_key_material(line).as_deref() != Some(&key.material()))
+        .collect();
+    lines.push(&entry);
+    let mut text = lines.join("\n");
+    text.push('\n');
+    text
+}
+
+/// The key in an authorized_keys line, past any options.
+fn line_key_material(line: &str) -> Option<String> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let at = words.iter().position(|w| KEY_TYPES.contains(w))?;
+    Some(format!("{} {}", words[at], words.get(at + 1)?))
+}
+
+/// What pinning a host key did to a known_hosts file.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Pinned {
+    pub text: String,
+    /// The key that was pinned for this host before, when it was another.
+    pub replaced: Option<String>,
+}
+
+/// `current` (a known_hosts file) with `key` pinned for `host`. An earlier
+/// key of the same type for the host is replaced (and reported).
+pub fn known_hosts_with(current: &str, host: Ipv4Addr, key: &PublicKey) -> Pinned {
+    let host = host.to_string();
+    let mut replaced = None;
+    let mut lines: Vec<String> = Vec::new();
+    for line in current.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let for_host = words
+            .first()
+            .is_some_and(|hosts| hosts.split(',').any(|h| h == host));
+        if for_host && words.get(1) == Some(&key.key_type.as_str()) {
+            if words.get(2) != Some(&key.base64.as_str()) {
+                replaced = words.get(2).map(|k| format!("{} {k}", key.key_type));
+            }
+            continue;
+        }
+        lines.push(line.to_string());
+    }
+    lines.push(format!("{host} {}", key.material()));
+    let mut text = lines.join("\n");
+    text.push('\n');
+    Pinned { text, replaced }
+}
 
 /// An ed25519 key pair on disk: `<dir>/id_ed25519` and its `.pub`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,6 +277,63 @@ pub fn parse_fingerprint(line: &str) -> Result<Fingerprint> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const KEY_A: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOdJ0pq7aN9aX8Q7m3kGq4uYQm1g0hQb5g2w4WZ3v0aA hapair@primary";
+    const KEY_B: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBBBBpq7aN9aX8Q7m3kGq4uYQm1g0hQb5g2w4WZ3v0aA hapair@secondary";
+
+    #[test]
+    fn public_keys_are_parsed_and_bad_ones_explained() {
+        let key = PublicKey::parse(KEY_A).unwrap();
+        assert_eq!(key.key_type, "ssh-ed25519");
+        assert_eq!(key.comment, "hapair@primary");
+        for (bad, says) in [
+            ("", "is not an SSH public key"),
+            ("ssh-ed25519", "is not an SSH public key"),
+            ("ssh-dss AAAAB3NzaC1kc3MAAACBAP", "is not an SSH key type"),
+            ("ssh-ed25519 not*base64*at*all!!", "is not base64"),
+            ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5\nssh-rsa AAAA", "one line"),
+        ] {
+            let err = PublicKey::parse(bad).unwrap_err().to_string();
+            assert!(err.contains(says), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn authorized_keys_gain_one_restricted_entry_per_key() {
+        let a = PublicKey::parse(KEY_A).unwrap();
+        let peer = Ipv4Addr::new(198, 18, 0, 12);
+        let other = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQ someone@else";
+        let stale = format!("no-pty {KEY_A}");
+        let text = authorized_keys_with(&format!("{other}\n{stale}\n"), &a, peer);
+        assert_eq!(
+            text,
+            format!("{other}\nfrom=\"198.18.0.12\",restrict {KEY_A}\n")
+        );
+        // Idempotent.
+        assert_eq!(authorized_keys_with(&text, &a, peer), text);
+    }
+
+    #[test]
+    fn known_hosts_pin_one_key_per_host_and_report_a_replacement() {
+        let (a, b) = (
+            PublicKey::parse(KEY_A).unwrap(),
+            PublicKey::parse(KEY_B).unwrap(),
+        );
+        let peer = Ipv4Addr::new(198, 18, 0, 12);
+        let first = known_hosts_with("198.18.0.99 ssh-ed25519 AAAAother\n", peer, &a);
+        assert_eq!(first.replaced, None);
+        assert_eq!(
+            first.text,
+            format!(
+                "198.18.0.99 ssh-ed25519 AAAAother\n198.18.0.12 {}\n",
+                a.material()
+            )
+        );
+        assert_eq!(known_hosts_with(&first.text, peer, &a).text, first.text);
+        let changed = known_hosts_with(&first.text, peer, &b);
+        assert_eq!(changed.replaced, Some(a.material()));
+        assert!(!changed.text.contains(&a.base64));
+    }
 
     #[test]
     fn parses_fingerprints() {

@@ -65,6 +65,8 @@ pub struct Context {
     pub verbosity: u8,
     /// A person is watching stderr: progress may be shown there.
     pub interactive: bool,
+    /// A person can also answer questions on stdin (see [`Context::prompt`]).
+    pub can_prompt: bool,
     warnings: Vec<String>,
 }
 
@@ -72,6 +74,23 @@ impl Context {
     /// Adds a warning to the result; Ansible shows it in yellow.
     pub fn warn(&mut self, warning: impl Into<String>) {
         self.warnings.push(warning.into());
+    }
+
+    /// Asks the person at the terminal a question (on stderr) and returns
+    /// the line they answer (from stdin), trimmed.
+    pub fn prompt(&self, question: &str) -> anyhow::Result<String> {
+        if !self.can_prompt {
+            anyhow::bail!(
+                "can't ask {question:?}: no person at a terminal; pass the options instead"
+            );
+        }
+        eprint!("{question}");
+        let mut answer = String::new();
+        let read = std::io::stdin().read_line(&mut answer)?;
+        if read == 0 {
+            anyhow::bail!("no answer to {question:?} (end of input)");
+        }
+        Ok(answer.trim().to_string())
     }
 }
 
@@ -94,10 +113,23 @@ where
     };
     let stdin_is_terminal = std::io::stdin().is_terminal();
     let reply = match input::read_options(spec, &invocation, stdin_is_terminal) {
-        Ok(options) => execute(options, &invocation, interactive, module),
+        Ok(options) => {
+            let terminal = Terminal {
+                stderr: interactive,
+                stdin: stdin_is_terminal,
+            };
+            execute(options, &invocation, terminal, module)
+        }
         Err(msg) => Reply::bad_args(msg, interactive),
     };
     finish(spec, reply)
+}
+
+/// Which of stderr and stdin are a terminal.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Terminal {
+    pub stderr: bool,
+    pub stdin: bool,
 }
 
 /// The finished result of one call, before it is printed.
@@ -107,6 +139,8 @@ pub struct Reply {
     pub exit: u8,
     /// Whether a person reads stderr (a summary is printed there).
     pub interactive: bool,
+    /// The module's report for that person, if it has one.
+    pub report: Option<String>,
 }
 
 impl Reply {
@@ -115,6 +149,7 @@ impl Reply {
             json: output::failure_json(&msg, &[]),
             exit: EXIT_BAD_ARGS,
             interactive,
+            report: None,
         }
     }
 }
@@ -124,7 +159,7 @@ impl Reply {
 pub fn execute<A, F>(
     options: Map<String, Value>,
     invocation: &Call,
-    interactive: bool,
+    terminal: Terminal,
     module: F,
 ) -> Reply
 where
@@ -134,7 +169,7 @@ where
     // Over SSH Ansible runs modules on a pty: stderr looks like a terminal
     // but is merged into stdout. Its calls carry _ansible_* keys.
     let from_ansible = options.keys().any(|k| k.starts_with("_ansible_"));
-    let interactive = interactive && !from_ansible;
+    let interactive = terminal.stderr && !from_ansible;
     let parsed = match args::parse::<A>(options) {
         Ok(parsed) => parsed,
         Err(msg) => return Reply::bad_args(msg, interactive),
@@ -144,12 +179,15 @@ where
         diff: parsed.internal.diff || invocation.diff,
         verbosity: parsed.internal.verbosity,
         interactive,
+        can_prompt: interactive && terminal.stdin,
         warnings: parsed.warnings,
     };
     let result = catch_panic(|| module(parsed.args, &mut ctx));
+    let mut report = None;
     let (json, exit) = match result {
-        Ok(Ok(outcome)) => {
+        Ok(Ok(mut outcome)) => {
             let exit = if outcome.failed { EXIT_FAILED } else { 0 };
+            report = outcome.report.take();
             (outcome.into_json(&ctx), exit)
         }
         // `{:#}` prints the whole chain of context: "what failed: why".
@@ -172,6 +210,7 @@ where
         json,
         exit,
         interactive: ctx.interactive,
+        report,
     }
 }
 
@@ -225,7 +264,8 @@ fn finish(spec: &Spec, reply: Reply) -> ExitCode {
     let _ = writeln!(stdout, "{text}");
     let _ = stdout.flush();
     if reply.interactive {
-        let summary = output::human_summary(spec.name, &reply.json);
+        let mut summary = reply.report.clone().unwrap_or_default();
+        summary.push_str(&output::human_summary(spec.name, &reply.json));
         eprint!("{}", crate::secret::scrub(&summary));
     }
     ExitCode::from(reply.exit)

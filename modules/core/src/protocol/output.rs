@@ -15,8 +15,12 @@ pub struct Outcome {
     pub changed: bool,
     pub failed: bool,
     pub msg: String,
-    pub diff: Option<Diff>,
+    /// One diff per file changed.
+    pub diffs: Vec<Diff>,
     values: Map<String, Value>,
+    /// A report for a person at a terminal (a table, say): printed on
+    /// stderr there, and never part of the JSON.
+    pub report: Option<String>,
 }
 
 /// Before and after, as Ansible's `--diff` shows them.
@@ -69,8 +73,15 @@ impl Outcome {
         self
     }
 
+    /// Adds a report for a person at a terminal.
+    pub fn with_report(mut self, report: impl Into<String>) -> Outcome {
+        self.report = Some(report.into());
+        self
+    }
+
+    /// Adds the diff of one file; several make a list, as Ansible allows.
     pub fn with_diff(mut self, diff: Diff) -> Outcome {
-        self.diff = Some(diff);
+        self.diffs.push(diff);
         self
     }
 
@@ -80,8 +91,16 @@ impl Outcome {
         object.insert("failed".into(), Value::Bool(self.failed));
         object.insert("msg".into(), Value::String(self.msg));
         object.extend(self.values);
-        if let Some(diff) = self.diff.filter(|_| ctx.diff && self.changed) {
-            object.insert("diff".into(), json!(diff));
+        if ctx.diff && self.changed {
+            match self.diffs.len() {
+                0 => {}
+                1 => {
+                    object.insert("diff".into(), json!(self.diffs[0]));
+                }
+                _ => {
+                    object.insert("diff".into(), json!(self.diffs));
+                }
+            }
         }
         if !ctx.warnings.is_empty() {
             object.insert("warnings".into(), json!(ctx.warnings));

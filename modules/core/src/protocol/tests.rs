@@ -35,6 +35,10 @@ fn call(options: Value, cli: &Call) -> Reply {
 
 /// Like [`call`], with stderr a terminal or not.
 fn call_on_terminal(options: Value, cli: &Call, terminal: bool) -> Reply {
+    let terminal = Terminal {
+        stderr: terminal,
+        stdin: terminal,
+    };
     execute(
         object(options),
         cli,
