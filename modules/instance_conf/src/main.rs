@@ -62,7 +62,11 @@ fn instance_conf(args: Args, ctx: &mut Context) -> Result<Outcome> {
     let key = Key::parse(&args.key)?;
     let request = match (args.state, args.value) {
         (State::Present, None) => Request::Read,
-        (State::Present, Some(value)) => Request::Set(key.coerce(value)?),
+        (State::Present, Some(value)) => {
+            let value = key.coerce(value)?;
+            instance::check_on_this_host(&key, &value)?;
+            Request::Set(value)
+        }
         (State::Absent, None) => Request::Unset,
         (State::Absent, Some(_)) => {
             bail!(
