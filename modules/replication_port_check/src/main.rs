@@ -1,0 +1,261 @@
+//! `replication_port_check`: the seed's "Verification: Ports".
+//!
+//! With no options it reads `cluster.hosts` from the instance config and
+//! checks every port the pair needs on every host: SSH, PostgreSQL, Redis,
+//! Kafka and the monitor. It reports each one (open or closed, and how long
+//! the connection took), and fails naming every required port that is
+//! closed. On a terminal it prints a table.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use hapair_core::instance::{self, InstanceConfig, Key};
+use hapair_core::net::{self, PortProbe};
+use hapair_core::{protocol, Context, Outcome, Spec};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+const SPEC: Spec = Spec {
+    name: "replication_port_check",
+    doc: include_str!("../replication_port_check.yml"),
+    shorthand: None,
+};
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct Args {
+    /// The hosts to check; `cluster.hosts` when not given.
+    #[serde(default)]
+    hosts: Option<Vec<String>>,
+    #[serde(default = "default_ports")]
+    ports: Vec<Port>,
+    /// Seconds to wait for each connection.
+    #[serde(default = "default_timeout")]
+    timeout: f64,
+    #[serde(default = "default_instance_config")]
+    instance_config: PathBuf,
+}
+
+/// A port the pair needs.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+struct Port {
+    service: String,
+    port: u16,
+    /// A closed required port fails the check; a closed optional one warns.
+    #[serde(default = "required_by_default")]
+    required: bool,
+}
+
+fn required_by_default() -> bool {
+    true
+}
+
+fn default_ports() -> Vec<Port> {
+    let port = |service: &str, port, required| Port {
+        service: service.into(),
+        port,
+        required,
+    };
+    vec![
+        port("ssh", 22, true),
+        port("postgresql", 5432, true),
+        port("redis", 6379, true),
+        port("kafka", 9092, true),
+        // Not required until hapair's monitor daemon is built.
+        port("monitor", 8080, false),
+    ]
+}
+fn default_timeout() -> f64 {
+    3.0
+}
+fn default_instance_config() -> PathBuf {
+    instance::DEFAULT_PATH.into()
+}
+
+/// One line of the report.
+#[derive(Debug, Clone, Serialize)]
+struct Check {
+    host: String,
+    port: u16,
+    service: String,
+    required: bool,
+    #[serde(flatten)]
+    probe: PortProbe,
+}
+
+fn main() -> ExitCode {
+    protocol::run(&SPEC, replication_port_check)
+}
+
+fn replication_port_check(args: Args, ctx: &mut Context) -> Result<Outcome> {
+    if !(args.timeout > 0.0 && args.timeout <= 60.0) {
+        bail!(
+            "timeout must be more than 0 and at most 60 seconds, not {}",
+            args.timeout
+        );
+    }
+    let hosts = hosts(&args)?;
+    let timeout = Duration::from_secs_f64(args.timeout);
+    let report = check_all(&hosts, &args.ports, timeout);
+
+    let closed = |required: bool| -> Vec<String> {
+        report
+            .iter()
+            .filter(|c| !c.probe.open && c.required == required)
+            .map(describe)
+            .collect()
+    };
+    let (failing, optional) = (closed(true), closed(false));
+    for port in &optional {
+        ctx.warn(format!("optional port closed: {port}"));
+    }
+    let table = table(&report);
+    let outcome = if failing.is_empty() {
+        let open = report.iter().filter(|c| c.probe.open).count();
+        Outcome::unchanged(format!(
+            "{open} of {} ports open on {} host(s); every required port answers",
+            report.len(),
+            hosts.len()
+        ))
+    } else {
+        Outcome::failed(format!(
+            "{} required port(s) closed: {}. Start the service, or open the port between \
+             the hosts (see the seed's HA Requirements)",
+            failing.len(),
+            failing.join("; ")
+        ))
+    };
+    Ok(outcome
+        .with(
+            "hosts",
+            hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+        )
+        .with("report", &report)
+        .with("closed", &failing)
+        .with_report(table))
+}
+
+/// The hosts to check: as given, else `cluster.hosts`.
+fn hosts(args: &Args) -> Result<Vec<Ipv4Addr>> {
+    let listed: Vec<Value> = match &args.hosts {
+        Some(hosts) => hosts.iter().cloned().map(Value::String).collect(),
+        None => {
+            let config = InstanceConfig::load(&args.instance_config)?;
+            match config.value(&Key::parse(instance::HOSTS)?) {
+                Some(Value::Array(hosts)) => hosts,
+                _ => Vec::new(),
+            }
+        }
+    };
+    if listed.is_empty() {
+        bail!(
+            "no hosts to check: cluster.hosts in {} is empty. Run replication_helper \
+             (seed step 3) first, or pass hosts",
+            args.instance_config.display()
+        );
+    }
+    listed
+        .iter()
+        .map(|host| instance::parse_ipv4("hosts", host))
+        .collect()
+}
+
+/// Probes every port of every host at once: a closed port costs the
+/// timeout, and they should not add up.
+fn check_all(hosts: &[Ipv4Addr], ports: &[Port], timeout: Duration) -> Vec<Check> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = hosts
+            .iter()
+            .flat_map(|host| ports.iter().map(move |port| (host, port)))
+            .map(|(host, port)| {
+                scope.spawn(move || Check {
+                    host: host.to_string(),
+                    port: port.port,
+                    service: port.service.clone(),
+                    required: port.required,
+                    probe: net::probe(*host, port.port, timeout),
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a probe does not panic"))
+            .collect()
+    })
+}
+
+fn describe(check: &Check) -> String {
+    format!(
+        "{}:{} ({}: {})",
+        check.host,
+        check.port,
+        check.service,
+        check.probe.error.as_deref().unwrap_or("closed")
+    )
+}
+
+/// The report as a table for a person.
+fn table(report: &[Check]) -> String {
+    let mut text = format!(
+        "{:<16} {:>5}  {:<11} {:<7} {:>10}\n",
+        "host", "port", "service", "state", "latency"
+    );
+    for check in report {
+        let state = match (check.probe.open, check.required) {
+            (true, _) => "open",
+            (false, true) => "CLOSED",
+            (false, false) => "closed",
+        };
+        text.push_str(&format!(
+            "{:<16} {:>5}  {:<11} {:<7} {:>8.1}ms\n",
+            check.host, check.port, check.service, state, check.probe.latency_ms
+        ));
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn documentation_matches_the_options() {
+        hapair_core::doc_check::assert_doc_matches::<Args>(SPEC.doc, json!({}));
+    }
+
+    #[test]
+    fn checks_every_port_of_every_host_and_marks_closed_ones() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let open = listener.local_addr().unwrap().port();
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let ports = vec![
+            Port {
+                service: "up".into(),
+                port: open,
+                required: true,
+            },
+            Port {
+                service: "down".into(),
+                port: closed,
+                required: true,
+            },
+        ];
+        let report = check_all(&[Ipv4Addr::LOCALHOST], &ports, Duration::from_secs(2));
+        assert_eq!(report.len(), 2);
+        assert!(report[0].probe.open);
+        assert!(!report[1].probe.open);
+        assert_eq!(
+            describe(&report[1]),
+            format!("127.0.0.1:{closed} (down: connection refused)")
+        );
+        let text = table(&report);
+        assert!(text.contains("open") && text.contains("CLOSED"), "{text}");
+    }
+}
