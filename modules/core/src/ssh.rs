@@ -132,6 +132,11 @@ pub fn authorized_entry(key: &PublicKey, from: Ipv4Addr) -> String {
 /// `from=` can't outlive this one. Other keys are left as they are.
 pub fn authorized_keys_with(current: &str, key: &PublicKey, from: Ipv4Addr) -> String {
     let entry = authorized_entry(key, from);
+    let for_key = |line: &&str| line_key_material(line).as_deref() == Some(&key.material());
+    // Already there, alone: leave the file as it is, order included.
+    if current.lines().filter(for_key).eq([entry.as_str()]) {
+        return with_final_newline(current);
+    }
     let mut lines: Vec<&str> = current
         .lines()
         .filter(|line| line_key_material(line).as_deref() != Some(&key.material()))
@@ -140,6 +145,14 @@ pub fn authorized_keys_with(current: &str, key: &PublicKey, from: Ipv4Addr) -> S
     let mut text = lines.join("\n");
     text.push('\n');
     text
+}
+
+fn with_final_newline(text: &str) -> String {
+    if text.ends_with('\n') {
+        text.to_string()
+    } else {
+        format!("{text}\n")
+    }
 }
 
 /// The key in an authorized_keys line, past any options.
@@ -161,6 +174,26 @@ pub struct Pinned {
 /// key of the same type for the host is replaced (and reported).
 pub fn known_hosts_with(current: &str, host: Ipv4Addr, key: &PublicKey) -> Pinned {
     let host = host.to_string();
+    let same_type_for_host: Vec<&str> = current
+        .lines()
+        .filter(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            words
+                .first()
+                .is_some_and(|h| h.split(',').any(|h| h == host))
+                && words.get(1) == Some(&key.key_type.as_str())
+        })
+        .collect();
+    // Already pinned, alone: leave the file as it is. ssh itself appends the
+    // peer's other host keys after it (UpdateHostKeys); they are no change.
+    if same_type_for_host.len() == 1
+        && same_type_for_host[0].split_whitespace().nth(2) == Some(key.base64.as_str())
+    {
+        return Pinned {
+            text: with_final_newline(current),
+            replaced: None,
+        };
+    }
     let mut replaced = None;
     let mut lines: Vec<String> = Vec::new();
     for line in current.lines() {
@@ -311,6 +344,8 @@ mod tests {
         );
         // Idempotent.
         assert_eq!(authorized_keys_with(&text, &a, peer), text);
+        let grown = format!("{text}{other}\n");
+        assert_eq!(authorized_keys_with(&grown, &a, peer), grown);
     }
 
     #[test]
@@ -330,6 +365,18 @@ mod tests {
             )
         );
         assert_eq!(known_hosts_with(&first.text, peer, &a).text, first.text);
+        // Lines that ssh appends later (other key types) don't move the pin.
+        let grown = format!(
+            "{}198.18.0.12 ssh-rsa AAAArsa\n|1|hashed|entry ecdsa AAAA\n",
+            first.text
+        );
+        assert_eq!(
+            known_hosts_with(&grown, peer, &a),
+            Pinned {
+                text: grown.clone(),
+                replaced: None
+            }
+        );
         let changed = known_hosts_with(&first.text, peer, &b);
         assert_eq!(changed.replaced, Some(a.material()));
         assert!(!changed.text.contains(&a.base64));

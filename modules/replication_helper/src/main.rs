@@ -29,7 +29,8 @@ const SPEC: Spec = Spec {
 };
 
 const AUTHORIZED_KEYS_MODE: u32 = 0o600;
-const KNOWN_HOSTS_MODE: u32 = 0o644;
+// As ssh itself writes it when it adds the peer's other host keys.
+const KNOWN_HOSTS_MODE: u32 = 0o600;
 
 #[derive(Debug, Deserialize)]
 #[cfg_attr(test, derive(serde::Serialize))]
