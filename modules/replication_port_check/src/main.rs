@@ -90,7 +90,7 @@ fn main() -> ExitCode {
     protocol::run(&SPEC, replication_port_check)
 }
 
-fn replication_port_check(args: Args, ctx: &mut Context) -> Result<Outcome> {
+fn replication_port_check(args: Args, _ctx: &mut Context) -> Result<Outcome> {
     if !(args.timeout > 0.0 && args.timeout <= 60.0) {
         bail!(
             "timeout must be more than 0 and at most 60 seconds, not {}",
@@ -109,14 +109,16 @@ fn replication_port_check(args: Args, ctx: &mut Context) -> Result<Outcome> {
             .collect()
     };
     let (failing, optional) = (closed(true), closed(false));
-    for port in &optional {
-        ctx.warn(format!("optional port closed: {port}"));
-    }
     let table = table(&report);
     let outcome = if failing.is_empty() {
         let open = report.iter().filter(|c| c.probe.open).count();
+        let optional = if optional.is_empty() {
+            String::new()
+        } else {
+            format!("; optional ports closed: {}", optional.join("; "))
+        };
         Outcome::unchanged(format!(
-            "{open} of {} ports open on {} host(s); every required port answers",
+            "{open} of {} ports open on {} host(s); every required port answers{optional}",
             report.len(),
             hosts.len()
         ))
