@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
 use hapair_tests::{ensure_eq, module_binary, module_names, repo_root, suite, Fleet, Host, Test};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 const TESTS: &[Test] = &[
     ("ansible_doc_shows_each_module", ansible_doc),
@@ -78,6 +78,7 @@ fn ansible_doc(_fleet: &Fleet) -> Result<()> {
 /// One ansible-playbook run: its output and the PLAY RECAP counts per host.
 struct PlaybookRun {
     output: String,
+    succeeded: bool,
     recap: Vec<(String, u32, u32)>, // host, changed, failed
     seconds: f64,
 }
@@ -86,7 +87,19 @@ impl PlaybookRun {
     fn changed(&self) -> u32 {
         self.recap.iter().map(|(_, changed, _)| changed).sum()
     }
+
+    /// Fails unless the run passed with a recap for both hosts.
+    fn ok(self) -> Result<PlaybookRun> {
+        if !self.succeeded || self.recap.len() != 2 {
+            bail!("ansible-playbook failed:\n{}", self.output);
+        }
+        Ok(self)
+    }
 }
+
+/// Warnings our modules give on purpose. Any other warning means something
+/// is off even when the run passed (junk after a module's JSON, say).
+const EXPECTED_WARNINGS: &[&str] = &["cluster.protected_instance is now false"];
 
 fn playbook(fleet: &Fleet, playbook: &str, extra: &[&str]) -> Result<PlaybookRun> {
     let started = Instant::now();
@@ -106,23 +119,35 @@ fn playbook(fleet: &Fleet, playbook: &str, extra: &[&str]) -> Result<PlaybookRun
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
-    if !output.status.success() {
-        bail!("ansible-playbook {playbook} {extra:?} failed:\n{text}");
-    }
-    // A warning means something is off even when the run passed (e.g. junk
-    // after a module's JSON).
-    if let Some(warning) = text.lines().find(|l| l.contains("[WARNING]")) {
+    let unexpected = text.lines().find(|line| {
+        line.contains("[WARNING]") && !EXPECTED_WARNINGS.iter().any(|w| line.contains(w))
+    });
+    if let Some(warning) = unexpected {
         bail!("ansible-playbook warned: {warning}\n{text}");
     }
-    let recap = parse_recap(&text);
-    if recap.len() != 2 {
-        bail!("expected a PLAY RECAP for 2 hosts:\n{text}");
-    }
     Ok(PlaybookRun {
+        recap: parse_recap(&text),
         output: text,
-        recap,
+        succeeded: output.status.success(),
         seconds,
     })
+}
+
+/// "TASK name: host" for each task that reported a change.
+fn changed_tasks(output: &str) -> Vec<String> {
+    let mut task = "";
+    let mut changed = Vec::new();
+    for line in output.lines() {
+        if let Some(name) = line.strip_prefix("TASK [") {
+            task = name.split(']').next().unwrap_or(name);
+        } else if let Some(host) = line.strip_prefix("changed: [") {
+            changed.push(format!(
+                "{task}: {}",
+                host.split(']').next().unwrap_or(host)
+            ));
+        }
+    }
+    changed
 }
 
 /// `demo-primary : ok=4 changed=2 unreachable=0 failed=0 ...`
@@ -152,6 +177,8 @@ const SET_UP_PATHS: &[&str] = &[
     "/var/lib/hapair",
 ];
 
+const CONFIRM: &[&str] = &["-e", "hapair_confirm_unsafe_steps=true"];
+
 fn ha_setup(fleet: &Fleet) -> Result<()> {
     check_staged()?;
     let (primary, secondary) = (fleet.host("primary"), fleet.host("secondary"));
@@ -160,8 +187,9 @@ fn ha_setup(fleet: &Fleet) -> Result<()> {
         secondary.snapshot(SET_UP_PATHS)?,
     ];
 
-    // --check --diff on a fresh pair: says what it would do, does nothing.
-    let check = playbook(fleet, "ha_setup.yml", &["--check", "--diff"])?;
+    // --check --diff on a fresh pair: says what it would do, does nothing,
+    // and needs no confirmation.
+    let check = playbook(fleet, "ha_setup.yml", &["--check", "--diff"])?.ok()?;
     if check.changed() == 0 {
         bail!(
             "check mode on a fresh pair reports nothing to do:\n{}",
@@ -170,7 +198,7 @@ fn ha_setup(fleet: &Fleet) -> Result<()> {
     }
     for expected in [
         "+++ after: /etc/hapair/instance.json",
-        &format!("\"{}\"", secondary.ip),
+        &format!("\"override_ip\": \"{}\"", secondary.ip),
     ] {
         if !check.output.contains(expected) {
             bail!("the check-mode diff lacks {expected:?}:\n{}", check.output);
@@ -179,36 +207,57 @@ fn ha_setup(fleet: &Fleet) -> Result<()> {
     fresh[0].ensure_unchanged(&primary.snapshot(SET_UP_PATHS)?)?;
     fresh[1].ensure_unchanged(&secondary.snapshot(SET_UP_PATHS)?)?;
 
-    // The real run sets up both hosts.
-    let first = playbook(fleet, "ha_setup.yml", &[])?;
+    // Without the confirmation the play stops before step 5, and says how
+    // to go on; the secondary stays protected.
+    let unconfirmed = playbook(fleet, "ha_setup.yml", &[])?;
+    if unconfirmed.succeeded
+        || !unconfirmed
+            .output
+            .contains("-e hapair_confirm_unsafe_steps=true")
+    {
+        bail!(
+            "the unsafe steps ran without confirmation:\n{}",
+            unconfirmed.output
+        );
+    }
+    if !secondary
+        .sh("cat /etc/hapair/instance.json")?
+        .contains("\"hosts\"")
+        || secondary
+            .sh("cat /etc/hapair/instance.json")?
+            .contains("protected_instance")
+    {
+        bail!("the secondary's protection changed without confirmation");
+    }
+
+    // Confirmed, the run sets up both hosts.
+    let first = playbook(fleet, "ha_setup.yml", CONFIRM)?.ok()?;
     for (host, changed, failed) in &first.recap {
         if *changed == 0 || *failed != 0 {
-            bail!("first run on {host}: changed={changed} failed={failed}");
+            bail!("first confirmed run on {host}: changed={changed} failed={failed}");
         }
     }
-    for host in [primary, secondary] {
-        assert_set_up(host, &[&primary.ip, &secondary.ip])?;
-    }
+    assert_set_up(primary, secondary, true)?;
+    assert_set_up(secondary, primary, false)?;
     let set_up = [
         primary.snapshot(SET_UP_PATHS)?,
         secondary.snapshot(SET_UP_PATHS)?,
     ];
 
     // A second run changes nothing, on the hosts either.
-    let second = playbook(fleet, "ha_setup.yml", &[])?;
-    for (host, changed, _) in &second.recap {
-        if *changed != 0 {
-            bail!(
-                "second run changed {changed} task(s) on {host}:\n{}",
-                second.output
-            );
-        }
+    let second = playbook(fleet, "ha_setup.yml", CONFIRM)?.ok()?;
+    if second.changed() != 0 {
+        bail!(
+            "the second run changed: {}\n{}",
+            changed_tasks(&second.output).join("; "),
+            second.output
+        );
     }
     set_up[0].ensure_unchanged(&primary.snapshot(SET_UP_PATHS)?)?;
     set_up[1].ensure_unchanged(&secondary.snapshot(SET_UP_PATHS)?)?;
 
     // And check mode after set-up has nothing to do.
-    let recheck = playbook(fleet, "ha_setup.yml", &["--check", "--diff"])?;
+    let recheck = playbook(fleet, "ha_setup.yml", &["--check", "--diff"])?.ok()?;
     ensure_eq!(recheck.changed(), 0);
 
     eprintln!(
@@ -218,16 +267,31 @@ fn ha_setup(fleet: &Fleet) -> Result<()> {
     Ok(())
 }
 
-/// The account has its key, private 0600, and the instance config lists the
-/// pair, primary first.
-fn assert_set_up(host: &Host, addresses: &[&str]) -> Result<()> {
+/// `host` is set up as one side of the pair with `peer`: its cluster account
+/// has its key and reaches the peer's with strict host key checking, and its
+/// instance config records the pair, its override IP and its protection.
+fn assert_set_up(host: &Host, peer: &Host, protected: bool) -> Result<()> {
     ensure_eq!(
         host.sh("stat -c '%a %U' /var/lib/hapair/.ssh/id_ed25519")?
             .trim(),
         "600 hapair"
     );
+    let reached = host.sh(&format!(
+        "runuser -u hapair -- ssh -o BatchMode=yes -o StrictHostKeyChecking=yes \
+         -o GlobalKnownHostsFile=/dev/null {} hostname",
+        peer.ip
+    ))?;
+    ensure_eq!(reached.trim(), peer.name);
     let config: Value = serde_json::from_str(&host.sh("cat /etc/hapair/instance.json")?)?;
-    ensure_eq!(config["cluster"]["hosts"], serde_json::json!(addresses));
+    let cluster = &config["cluster"];
+    let hosts = cluster["hosts"].as_array().cloned().unwrap_or_default();
+    if hosts.len() != 2 || !hosts.contains(&json!(host.ip)) || !hosts.contains(&json!(peer.ip)) {
+        bail!("cluster.hosts on {}: {hosts:?}", host.name);
+    }
+    ensure_eq!(cluster["override_ip"], json!(host.ip));
+    ensure_eq!(cluster["enable_override_ip"], true);
+    // Protection is lifted on the secondary only.
+    ensure_eq!(cluster["protected_instance"] != false, protected);
     ensure_eq!(
         host.sh("stat -c '%a %U' /etc/hapair/instance.json")?.trim(),
         "644 root"
