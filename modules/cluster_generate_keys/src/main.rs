@@ -31,7 +31,7 @@ const PUBLIC_KEY_MODE: u32 = 0o644;
 #[derive(Debug, Deserialize)]
 #[cfg_attr(test, derive(serde::Serialize))]
 struct Args {
-    #[serde(default = "default_account")]
+    #[serde(default = "account::default_name")]
     account: String,
     /// Home of the account when it has to be created.
     #[serde(default)]
@@ -42,10 +42,6 @@ struct Args {
     /// The key's comment; `<account>@<hostname>` when not given.
     #[serde(default)]
     comment: Option<String>,
-}
-
-fn default_account() -> String {
-    account::DEFAULT_NAME.to_string()
 }
 
 /// One thing to do to the host, in order.

@@ -29,7 +29,7 @@ const SPEC: Spec = Spec {
 #[derive(Debug, Deserialize)]
 #[cfg_attr(test, derive(Serialize))]
 struct Args {
-    #[serde(default = "default_instance_config")]
+    #[serde(default = "instance::default_path")]
     instance_config: PathBuf,
     /// Where the data lives: its partition must be as large on both hosts.
     #[serde(default = "default_data_path")]
@@ -49,9 +49,6 @@ struct Args {
     size_tolerance_percent: f64,
 }
 
-fn default_instance_config() -> PathBuf {
-    instance::DEFAULT_PATH.into()
-}
 fn default_data_path() -> PathBuf {
     "/var/lib/postgresql".into()
 }

@@ -10,6 +10,11 @@ use crate::files::Owner;
 
 /// The default cluster account.
 pub const DEFAULT_NAME: &str = "hapair";
+/// [`DEFAULT_NAME`], for `#[serde(default = "...")]`.
+pub fn default_name() -> String {
+    DEFAULT_NAME.to_string()
+}
+
 /// Where a new cluster account's home goes, under this directory.
 pub const DEFAULT_HOME_BASE: &str = "/var/lib";
 

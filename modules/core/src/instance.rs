@@ -22,6 +22,11 @@ use crate::files;
 use crate::protocol::ansible_bool_value;
 
 pub const DEFAULT_PATH: &str = "/etc/hapair/instance.json";
+
+/// [`DEFAULT_PATH`], for `#[serde(default = "...")]`.
+pub fn default_path() -> std::path::PathBuf {
+    DEFAULT_PATH.into()
+}
 /// The instance config holds no secrets, and the cluster account reads it
 /// when the peer checks this host's protection over SSH.
 const FILE_MODE: u32 = 0o644;

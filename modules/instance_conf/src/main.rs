@@ -30,7 +30,7 @@ struct Args {
     value: Option<Value>,
     #[serde(default)]
     state: State,
-    #[serde(default = "default_path")]
+    #[serde(default = "instance::default_path")]
     path: PathBuf,
 }
 
@@ -41,10 +41,6 @@ enum State {
     #[default]
     Present,
     Absent,
-}
-
-fn default_path() -> PathBuf {
-    PathBuf::from(instance::DEFAULT_PATH)
 }
 
 /// What the call asks of the key.

@@ -35,7 +35,7 @@ const KNOWN_HOSTS_MODE: u32 = 0o600;
 #[derive(Debug, Deserialize)]
 #[cfg_attr(test, derive(serde::Serialize))]
 struct Args {
-    #[serde(default = "default_account")]
+    #[serde(default = "account::default_name")]
     account: String,
     /// The peer cluster account's public key (its `cluster_generate_keys`).
     #[serde(default)]
@@ -50,19 +50,13 @@ struct Args {
     /// the peer when not given.
     #[serde(default)]
     address: Option<String>,
-    #[serde(default = "default_instance_config")]
+    #[serde(default = "instance::default_path")]
     instance_config: PathBuf,
     /// Seconds to wait for the peer's SSH port when scanning its host key.
     #[serde(default = "default_scan_timeout")]
     scan_timeout: u64,
 }
 
-fn default_account() -> String {
-    account::DEFAULT_NAME.to_string()
-}
-fn default_instance_config() -> PathBuf {
-    instance::DEFAULT_PATH.into()
-}
 fn default_scan_timeout() -> u64 {
     5
 }

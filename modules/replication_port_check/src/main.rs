@@ -35,7 +35,7 @@ struct Args {
     /// Seconds to wait for each connection.
     #[serde(default = "default_timeout")]
     timeout: f64,
-    #[serde(default = "default_instance_config")]
+    #[serde(default = "instance::default_path")]
     instance_config: PathBuf,
 }
 
@@ -70,9 +70,6 @@ fn default_ports() -> Vec<Port> {
 }
 fn default_timeout() -> f64 {
     3.0
-}
-fn default_instance_config() -> PathBuf {
-    instance::DEFAULT_PATH.into()
 }
 
 /// One line of the report.
