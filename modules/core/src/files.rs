@@ -166,6 +166,29 @@ pub struct FileChange {
 }
 
 impl FilePlan {
+    /// Like [`FilePlan::file`], for a file that holds a secret: its diff
+    /// says that it changed, not what it holds.
+    pub fn secret_file(
+        &mut self,
+        path: &Path,
+        edit: impl FnOnce(&str) -> String,
+        mode: u32,
+        owner: Option<Owner>,
+    ) -> Result<()> {
+        let planned = self.changes.len();
+        self.file(path, edit, mode, owner)?;
+        if let Some(change) = self.changes.get_mut(planned) {
+            change.diff.before = "(not shown: the file holds a secret)\n".into();
+            change.diff.after = "(not shown: the file holds a secret; it changes)\n".into();
+        }
+        Ok(())
+    }
+
+    /// Whether a change to `path` is planned.
+    pub fn changes(&self, path: &Path) -> bool {
+        self.changes.iter().any(|c| c.path == path)
+    }
+
     /// Plans `path` to hold `edit(current text)`, with `mode` and `owner`.
     pub fn file(
         &mut self,

@@ -17,6 +17,9 @@
 //! - [`account`]: the cluster's OS account.
 //! - [`ssh`]: the pair's SSH keys, authorized_keys and pinned host keys.
 //! - [`net`]: this host's addresses, and probes of a peer's ports.
+//! - [`services`]: systemd units: restart, reload, whether they run.
+//! - [`postgres`]: the one place that knows PostgreSQL: queries, its
+//!   configuration drop-in, roles and SCRAM verifiers.
 //!
 //! A module's `main` reads like its seed step: parse arguments, look at the
 //! host, plan, apply unless in check mode, report. Nothing here knows about a
@@ -29,8 +32,10 @@ pub mod doc_check;
 pub mod files;
 pub mod instance;
 pub mod net;
+pub mod postgres;
 pub mod protocol;
 pub mod secret;
+pub mod services;
 pub mod ssh;
 
 pub use protocol::{Context, Diff, Outcome, Spec};
