@@ -1,0 +1,388 @@
+//! `cluster_enter_primary_mode`: seed step 4, the seed's
+//! `cluster_enter_master_mode`.
+//!
+//! Makes this host ready to be replicated from:
+//! - PostgreSQL: streaming replication settings in hapair's conf.d drop-in
+//!   (with a bounded `max_slot_wal_keep_size`, so a dead secondary can't fill
+//!   this host's disk), listening on the pair's address, and a replication
+//!   role whose password is set as a SCRAM verifier;
+//! - Redis: listening on the pair's address, with a password;
+//! - Kafka: advertising its listener on the pair's address;
+//! - the instance config: `cluster.replication_mode = primary`.
+//!
+//! A service is restarted only when its configuration changed, and
+//! PostgreSQL only when a changed setting needs it (a reload does the rest).
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+use hapair_core::files::FilePlan;
+use hapair_core::instance::{self, InstanceConfig, Key};
+use hapair_core::postgres::{self, Cluster};
+use hapair_core::services::Unit;
+use hapair_core::{account, net, protocol, Context, Outcome, Secret, Spec};
+use serde::Deserialize;
+use serde_json::Value;
+
+const SPEC: Spec = Spec {
+    name: "cluster_enter_primary_mode",
+    doc: include_str!("../cluster_enter_primary_mode.yml"),
+    shorthand: None,
+};
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+struct Args {
+    /// This host's address on the pair's network.
+    address: String,
+    replication_password: Secret,
+    #[serde(default = "default_replication_user")]
+    replication_user: String,
+    redis_password: Secret,
+    #[serde(default = "default_max_wal_senders")]
+    max_wal_senders: u32,
+    #[serde(default = "default_max_replication_slots")]
+    max_replication_slots: u32,
+    #[serde(default = "default_max_slot_wal_keep_size")]
+    max_slot_wal_keep_size: String,
+    #[serde(default = "default_postgresql_config_dir")]
+    postgresql_config_dir: PathBuf,
+    #[serde(default = "default_postgresql_port")]
+    postgresql_port: u16,
+    #[serde(default = "default_postgresql_unit")]
+    postgresql_unit: String,
+    #[serde(default = "default_redis_config")]
+    redis_config: PathBuf,
+    #[serde(default = "default_redis_unit")]
+    redis_unit: String,
+    #[serde(default = "default_kafka_config")]
+    kafka_config: PathBuf,
+    #[serde(default = "default_kafka_port")]
+    kafka_port: u16,
+    #[serde(default = "default_kafka_unit")]
+    kafka_unit: String,
+    #[serde(default = "instance::default_path")]
+    instance_config: PathBuf,
+}
+
+fn default_replication_user() -> String {
+    format!("{}_replication", account::DEFAULT_NAME)
+}
+fn default_max_wal_senders() -> u32 {
+    10
+}
+fn default_max_replication_slots() -> u32 {
+    10
+}
+fn default_max_slot_wal_keep_size() -> String {
+    "10GB".into()
+}
+fn default_postgresql_config_dir() -> PathBuf {
+    "/etc/postgresql/15/main".into()
+}
+fn default_postgresql_port() -> u16 {
+    5432
+}
+fn default_postgresql_unit() -> String {
+    "postgresql@15-main".into()
+}
+fn default_redis_config() -> PathBuf {
+    "/etc/redis/redis.conf".into()
+}
+fn default_redis_unit() -> String {
+    "redis-server".into()
+}
+fn default_kafka_config() -> PathBuf {
+    "/opt/kafka/config/server.properties".into()
+}
+fn default_kafka_port() -> u16 {
+    9092
+}
+fn default_kafka_unit() -> String {
+    "kafka".into()
+}
+
+/// Files hapair owns next to Redis's own configuration.
+const REDIS_DROPIN: &str = "hapair.conf";
+
+fn main() -> ExitCode {
+    protocol::run(&SPEC, cluster_enter_primary_mode)
+}
+
+fn cluster_enter_primary_mode(args: Args, ctx: &mut Context) -> Result<Outcome> {
+    let address = instance::parse_ipv4("address", &Value::String(args.address.clone()))?;
+    if !net::host_ipv4_addresses()?.contains(&address) {
+        bail!("address {address} is not one of this host's addresses: pass the address its peer reaches it at");
+    }
+    postgres::check_password(&args.replication_password).context("replication_password")?;
+    postgres::check_password(&args.redis_password).context("redis_password")?;
+    if !args
+        .max_slot_wal_keep_size
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric())
+    {
+        bail!(
+            "max_slot_wal_keep_size takes a size such as 10GB, not {:?}",
+            args.max_slot_wal_keep_size
+        );
+    }
+    let cluster = Cluster::new(
+        &args.postgresql_config_dir,
+        args.postgresql_port,
+        &args.postgresql_unit,
+    );
+
+    // Plan: the files, the role, the mode.
+    let mut files = FilePlan::default();
+    let pg_owner = owner_of(&args.postgresql_config_dir)?;
+    files.file(
+        &cluster.dropin(),
+        |_| postgres_dropin(&args, address),
+        0o644,
+        Some(pg_owner),
+    )?;
+    let redis_dropin = redis_dropin_path(&args.redis_config);
+    let redis_owner = owner_of(&args.redis_config)?;
+    files.secret_file(
+        &redis_dropin,
+        |_| redis_dropin_text(&args, address),
+        0o640,
+        Some(redis_owner),
+    )?;
+    let include = format!("include {}", redis_dropin.display());
+    files.file(
+        &args.redis_config,
+        |text| with_line(text, &include),
+        mode_of(&args.redis_config)?,
+        Some(redis_owner),
+    )?;
+    let advertised = format!("PLAINTEXT://{address}:{}", args.kafka_port);
+    files.file(
+        &args.kafka_config,
+        |text| with_property(text, "advertised.listeners", &advertised),
+        mode_of(&args.kafka_config)?,
+        Some(owner_of(&args.kafka_config)?),
+    )?;
+    let role = cluster.role_password(&args.replication_user)?;
+    let role_ok = matches!(&role, Some(Some(stored)) if postgres::verifier_matches(stored, &args.replication_password));
+    let config = InstanceConfig::load(&args.instance_config)?;
+    let mode_key = Key::parse(instance::REPLICATION_MODE)?;
+    let mode_ok = config.value(&mode_key) == Some(Value::String("primary".into()));
+
+    let mut actions: Vec<String> = files.changes.iter().map(|c| c.action.clone()).collect();
+    if !role_ok {
+        actions.push(format!(
+            "{} the replication role {}",
+            if role.is_some() { "update" } else { "create" },
+            args.replication_user
+        ));
+    }
+    if !mode_ok {
+        actions.push("set cluster.replication_mode = primary".into());
+    }
+    let changed = !actions.is_empty();
+    let mut restarted = Vec::new();
+    let mut reloaded = Vec::new();
+
+    if changed && !ctx.check_mode {
+        files.apply()?;
+        if files.changes(&cluster.dropin()) {
+            let pending = cluster.reload()?;
+            if pending.is_empty() {
+                reloaded.push(cluster.unit.to_string());
+            } else {
+                cluster.unit.restart()?;
+                wait_for_port(Ipv4Addr::LOCALHOST, args.postgresql_port, &cluster.unit)?;
+                restarted.push(format!("{} ({})", cluster.unit, pending.join(", ")));
+            }
+        }
+        if !role_ok {
+            cluster.ensure_replication_role(
+                &args.replication_user,
+                &args.replication_password,
+                role.is_some(),
+            )?;
+        }
+        if files.changes(&redis_dropin) || files.changes(&args.redis_config) {
+            let unit = Unit::new(&args.redis_unit);
+            unit.restart()?;
+            restarted.push(unit.to_string());
+        }
+        if files.changes(&args.kafka_config) {
+            let unit = Unit::new(&args.kafka_unit);
+            unit.restart()?;
+            wait_for_port(address, args.kafka_port, &unit)?;
+            restarted.push(unit.to_string());
+        }
+        if !mode_ok {
+            let _lock = InstanceConfig::lock(&args.instance_config)?;
+            let mut config = InstanceConfig::load(&args.instance_config)?;
+            config.set(instance::REPLICATION_MODE, Value::String("primary".into()))?;
+            config.save()?;
+        }
+    }
+
+    let msg = if !changed {
+        format!("already in primary mode on {address}")
+    } else if ctx.check_mode {
+        format!("would {}", actions.join(", "))
+    } else {
+        let restarts = if restarted.is_empty() {
+            "no restart".to_string()
+        } else {
+            format!("restarted {}", restarted.join(", "))
+        };
+        format!("{}; {restarts}", actions.join(", "))
+    };
+    let mut outcome = Outcome::new(changed, msg)
+        .with("address", address.to_string())
+        .with("actions", &actions)
+        .with("restarted", &restarted)
+        .with("reloaded", &reloaded);
+    for change in files.changes {
+        outcome = outcome.with_diff(change.diff);
+    }
+    Ok(outcome)
+}
+
+fn postgres_dropin(args: &Args, address: Ipv4Addr) -> String {
+    format!(
+        "# Written by hapair's cluster_enter_primary_mode: changes here are overwritten.\n\
+         listen_addresses = 'localhost,{address}'\n\
+         wal_level = 'replica'\n\
+         max_wal_senders = {}\n\
+         max_replication_slots = {}\n\
+         # A dead secondary's slot may hold back at most this much WAL.\n\
+         max_slot_wal_keep_size = '{}'\n\
+         hot_standby = 'on'\n",
+        args.max_wal_senders, args.max_replication_slots, args.max_slot_wal_keep_size
+    )
+}
+
+fn redis_dropin_path(redis_config: &Path) -> PathBuf {
+    redis_config.with_file_name(REDIS_DROPIN)
+}
+
+fn redis_dropin_text(args: &Args, address: Ipv4Addr) -> String {
+    // masterauth too: after a failover this host replicates from the other.
+    format!(
+        "# Written by hapair's cluster_enter_primary_mode: changes here are overwritten.\n\
+         bind 127.0.0.1 -::1 {address}\n\
+         requirepass {}\n\
+         masterauth {}\n",
+        args.redis_password.expose(),
+        args.redis_password.expose()
+    )
+}
+
+/// `text` with `line` as one of its lines (appended when missing).
+fn with_line(text: &str, line: &str) -> String {
+    if text.lines().any(|l| l.trim() == line) {
+        return text.to_string();
+    }
+    let mut text = text.to_string();
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str(&format!(
+        "# Added by hapair: its settings come last and win.\n{line}\n"
+    ));
+    text
+}
+
+/// A Java properties file with `key=value` set: the first assignment of the
+/// key is replaced (others are dropped), or one is appended.
+fn with_property(text: &str, key: &str, value: &str) -> String {
+    let is_key = |line: &str| {
+        let line = line.trim_start();
+        line.strip_prefix(key)
+            .is_some_and(|rest| rest.trim_start().starts_with(['=', ':']))
+    };
+    let wanted = format!("{key}={value}");
+    let mut done = false;
+    let mut lines = Vec::new();
+    for line in text.lines() {
+        if is_key(line) {
+            if !done {
+                lines.push(wanted.clone());
+                done = true;
+            }
+        } else {
+            lines.push(line.to_string());
+        }
+    }
+    if !done {
+        lines.push(wanted);
+    }
+    lines.join("\n") + "\n"
+}
+
+fn owner_of(path: &Path) -> Result<hapair_core::files::Owner> {
+    Ok(hapair_core::files::state(path)?
+        .with_context(|| {
+            format!(
+                "{} does not exist: is the service installed?",
+                path.display()
+            )
+        })?
+        .owner)
+}
+
+fn mode_of(path: &Path) -> Result<u32> {
+    Ok(hapair_core::files::state(path)?
+        .with_context(|| {
+            format!(
+                "{} does not exist: is the service installed?",
+                path.display()
+            )
+        })?
+        .mode)
+}
+
+/// Waits until a restarted service accepts connections again.
+fn wait_for_port(address: Ipv4Addr, port: u16, unit: &Unit) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while Instant::now() < deadline {
+        if net::probe(address, port, Duration::from_secs(1)).open {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    bail!("{unit} was restarted but does not accept connections on {address}:{port} after 90 s; see journalctl -u {unit}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn documentation_matches_the_options() {
+        hapair_core::doc_check::assert_doc_matches::<Args>(
+            SPEC.doc,
+            json!({"address": "10.0.0.1", "replication_password": "x", "redis_password": "y"}),
+        );
+    }
+
+    #[test]
+    fn properties_are_set_once_in_place() {
+        let text = "a=1\nadvertised.listeners=PLAINTEXT://localhost:9092\nb=2\n";
+        assert_eq!(
+            with_property(text, "advertised.listeners", "PLAINTEXT://10.0.0.1:9092"),
+            "a=1\nadvertised.listeners=PLAINTEXT://10.0.0.1:9092\nb=2\n"
+        );
+        assert_eq!(with_property("a=1", "k", "v"), "a=1\nk=v\n");
+        assert_eq!(with_property("k = old\nk: older\n", "k", "v"), "k=v\n");
+        assert_eq!(with_property("kk=1\n", "k", "v"), "kk=1\nk=v\n");
+    }
+
+    #[test]
+    fn an_include_line_is_added_once() {
+        let once = with_line("bind 127.0.0.1\n", "include /etc/redis/hapair.conf");
+        assert!(once.ends_with("include /etc/redis/hapair.conf\n"));
+        assert_eq!(with_line(&once, "include /etc/redis/hapair.conf"), once);
+    }
+}
