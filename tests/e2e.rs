@@ -175,7 +175,35 @@ const SET_UP_PATHS: &[&str] = &[
     "/etc/shadow",
     "/etc/hapair",
     "/var/lib/hapair",
+    "/etc/postgresql/15/main",
+    "/etc/redis",
+    "/opt/kafka/config",
 ];
+
+/// The pair's passwords, as the fleet wrote them into its inventory.
+fn passwords(fleet: &Fleet) -> Result<Vec<String>> {
+    let inventory = std::fs::read_to_string(fleet.inventory())?;
+    let found: Vec<String> = inventory
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("hapair_replication_password=")
+                .or_else(|| l.strip_prefix("hapair_redis_password="))
+        })
+        .map(String::from)
+        .collect();
+    if found.len() != 2 {
+        bail!("the fleet inventory lacks the pair's passwords");
+    }
+    Ok(found)
+}
+
+/// Fails when any of `secrets` is in the run's output.
+fn no_secret_in(run: &PlaybookRun, secrets: &[String]) -> Result<()> {
+    if secrets.iter().any(|s| run.output.contains(s.as_str())) {
+        bail!("a password is in the playbook's output");
+    }
+    Ok(())
+}
 
 const CONFIRM: &[&str] = &["-e", "hapair_confirm_unsafe_steps=true"];
 
@@ -207,8 +235,8 @@ fn ha_setup(fleet: &Fleet) -> Result<()> {
     fresh[0].ensure_unchanged(&primary.snapshot(SET_UP_PATHS)?)?;
     fresh[1].ensure_unchanged(&secondary.snapshot(SET_UP_PATHS)?)?;
 
-    // Without the confirmation the play stops before step 5, and says how
-    // to go on; the secondary stays protected.
+    // Without the confirmation the play stops before step 4, and says how
+    // to go on: the primary is not in primary mode, the secondary protected.
     let unconfirmed = playbook(fleet, "ha_setup.yml", &[])?;
     if unconfirmed.succeeded
         || !unconfirmed
@@ -220,18 +248,18 @@ fn ha_setup(fleet: &Fleet) -> Result<()> {
             unconfirmed.output
         );
     }
-    if !secondary
-        .sh("cat /etc/hapair/instance.json")?
-        .contains("\"hosts\"")
-        || secondary
-            .sh("cat /etc/hapair/instance.json")?
-            .contains("protected_instance")
-    {
-        bail!("the secondary's protection changed without confirmation");
+    let secondary_config = secondary.sh("cat /etc/hapair/instance.json")?;
+    if !secondary_config.contains("\"hosts\"") || secondary_config.contains("protected_instance") {
+        bail!("the secondary's protection changed without confirmation: {secondary_config}");
     }
+    if primary.succeeds("test -e /etc/postgresql/15/main/conf.d/hapair.conf")? {
+        bail!("step 4 ran without confirmation");
+    }
+    let secrets = passwords(fleet)?;
 
     // Confirmed, the run sets up both hosts.
     let first = playbook(fleet, "ha_setup.yml", CONFIRM)?.ok()?;
+    no_secret_in(&first, &secrets)?;
     for (host, changed, failed) in &first.recap {
         if *changed == 0 || *failed != 0 {
             bail!("first confirmed run on {host}: changed={changed} failed={failed}");
@@ -239,13 +267,29 @@ fn ha_setup(fleet: &Fleet) -> Result<()> {
     }
     assert_set_up(primary, secondary, true)?;
     assert_set_up(secondary, primary, false)?;
+    // Step 4: the primary is in primary mode, the secondary is not.
+    let mode = |host: &Host| -> Result<Value> {
+        let config: Value = serde_json::from_str(&host.sh("cat /etc/hapair/instance.json")?)?;
+        Ok(config["cluster"]["replication_mode"].clone())
+    };
+    ensure_eq!(mode(primary)?, "primary");
+    ensure_eq!(mode(secondary)?, Value::Null);
+    ensure_eq!(
+        primary
+            .sh("runuser -u postgres -- psql -XAtc 'show wal_level'")?
+            .trim(),
+        "replica"
+    );
     let set_up = [
         primary.snapshot(SET_UP_PATHS)?,
         secondary.snapshot(SET_UP_PATHS)?,
     ];
 
-    // A second run changes nothing, on the hosts either.
-    let second = playbook(fleet, "ha_setup.yml", CONFIRM)?.ok()?;
+    // A second run changes nothing, on the hosts either. At -vvv, it still
+    // shows no password.
+    let verbose: Vec<&str> = CONFIRM.iter().copied().chain(["-vvv"]).collect();
+    let second = playbook(fleet, "ha_setup.yml", &verbose)?.ok()?;
+    no_secret_in(&second, &secrets)?;
     if second.changed() != 0 {
         bail!(
             "the second run changed: {}\n{}",
