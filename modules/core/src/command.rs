@@ -22,6 +22,9 @@ pub struct Command {
     secret_env: Vec<(String, Secret)>,
     stdin: Option<Vec<u8>>,
     dir: Option<PathBuf>,
+    /// Let stderr through to ours (a person watching progress) instead of
+    /// capturing it.
+    show_stderr: bool,
 }
 
 /// What a finished program printed.
@@ -48,6 +51,7 @@ impl Command {
             secret_env: Vec::new(),
             stdin: None,
             dir: None,
+            show_stderr: false,
         }
     }
 
@@ -74,6 +78,13 @@ impl Command {
 
     pub fn stdin(mut self, bytes: impl Into<Vec<u8>>) -> Command {
         self.stdin = Some(bytes.into());
+        self
+    }
+
+    /// Shows the program's stderr (its progress) when `show` is true; its
+    /// errors are then on the terminal, not in the result.
+    pub fn show_stderr(mut self, show: bool) -> Command {
+        self.show_stderr = show;
         self
     }
 
@@ -104,10 +115,10 @@ impl Command {
     /// Runs the program and returns what it printed, whatever its status.
     pub fn output(&self) -> Result<Output> {
         let program = resolve(&self.program)?;
-        let mut expression = duct::cmd(program, &self.args)
-            .stdout_capture()
-            .stderr_capture()
-            .unchecked();
+        let mut expression = duct::cmd(program, &self.args).stdout_capture().unchecked();
+        if !self.show_stderr {
+            expression = expression.stderr_capture();
+        }
         expression = match &self.stdin {
             Some(bytes) => expression.stdin_bytes(bytes.clone()),
             None => expression.stdin_null(),

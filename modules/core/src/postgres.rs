@@ -119,6 +119,147 @@ impl Cluster {
     }
 }
 
+/// A connection to a primary for replication, authenticated by password.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub host: std::net::Ipv4Addr,
+    pub port: u16,
+    pub user: String,
+    pub password: Secret,
+}
+
+/// What a primary says of itself on a replication connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub system_identifier: String,
+    pub timeline: String,
+}
+
+impl Upstream {
+    /// Runs a replication-protocol command (IDENTIFY_SYSTEM, SHOW ...,
+    /// READ_REPLICATION_SLOT) on the primary. The password travels in the
+    /// environment, never on a command line.
+    pub fn command(&self, command: &str) -> Result<String> {
+        let conninfo = format!(
+            "host={} port={} user={} replication=true dbname=replication connect_timeout=10",
+            self.host, self.port, self.user
+        );
+        let out = Command::new("psql")
+            .args(["-XAtq", "-w", "-d", &conninfo, "-c", command])
+            .secret_env("PGPASSWORD", &self.password)
+            .output()?;
+        if !out.success() {
+            bail!(
+                "the primary {}:{} refused a replication connection as {}: {}",
+                self.host,
+                self.port,
+                self.user,
+                out.stderr.trim()
+            );
+        }
+        Ok(out.stdout.trim().to_string())
+    }
+
+    pub fn identify(&self) -> Result<Identity> {
+        let row = self.command("IDENTIFY_SYSTEM")?;
+        let mut fields = row.split('|');
+        match (fields.next(), fields.next()) {
+            (Some(id), Some(timeline)) if !id.is_empty() => Ok(Identity {
+                system_identifier: id.to_string(),
+                timeline: timeline.to_string(),
+            }),
+            _ => bail!("unexpected IDENTIFY_SYSTEM answer: {row:?}"),
+        }
+    }
+
+    /// Whether the physical slot `name` exists on the primary.
+    pub fn has_slot(&self, name: &str) -> Result<bool> {
+        let row = self.command(&format!("READ_REPLICATION_SLOT {}", quote_ident(name)))?;
+        Ok(row.starts_with("physical|"))
+    }
+}
+
+impl Cluster {
+    /// This cluster's system identifier, while it runs.
+    pub fn system_identifier(&self) -> Result<String> {
+        self.query("SELECT system_identifier FROM pg_control_system()")
+    }
+
+    /// The WAL receiver's state: status, sender host, slot. `None` when
+    /// there is no receiver (not a standby, or not connected).
+    pub fn wal_receiver(&self) -> Result<Option<(String, String, String)>> {
+        let row = self.query(
+            "SELECT status || '|' || coalesce(sender_host, '') || '|' || coalesce(slot_name, '') \
+             FROM pg_stat_wal_receiver",
+        )?;
+        let fields: Vec<&str> = row.split('|').collect();
+        Ok(match fields.as_slice() {
+            [status, host, slot] if !status.is_empty() => {
+                Some((status.to_string(), host.to_string(), slot.to_string()))
+            }
+            _ => None,
+        })
+    }
+
+    /// Creates the physical replication slot `name` unless it exists.
+    /// Returns whether it was created.
+    pub fn ensure_slot(&self, name: &str) -> Result<bool> {
+        if self.has_slot(name)? {
+            return Ok(false);
+        }
+        self.query(&format!(
+            "SELECT pg_create_physical_replication_slot({})",
+            quote_literal(name)
+        ))?;
+        Ok(true)
+    }
+
+    pub fn has_slot(&self, name: &str) -> Result<bool> {
+        let found = self.query(&format!(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = {} AND slot_type = 'physical'",
+            quote_literal(name)
+        ))?;
+        Ok(found == "1")
+    }
+
+    /// The cluster's client authentication file.
+    pub fn hba_file(&self) -> PathBuf {
+        self.config_dir.join("pg_hba.conf")
+    }
+}
+
+/// The replication slot of the secondary at `address`, as the primary
+/// creates it and the secondary uses it: `hapair_10_0_0_2`.
+pub fn slot_name_for(address: std::net::Ipv4Addr) -> String {
+    format!("hapair_{}", address.to_string().replace('.', "_"))
+}
+
+const HBA_BEGIN: &str = "# BEGIN hapair: replication from the secondary (cluster_add_secondary)";
+const HBA_END: &str = "# END hapair";
+
+/// `pg_hba.conf` text with hapair's block holding exactly one rule: `role`
+/// may replicate from `secondary`/32, with scram-sha-256. The block goes
+/// first (the first matching rule wins) and replaces any earlier block.
+pub fn hba_with_replication_rule(text: &str, role: &str, secondary: std::net::Ipv4Addr) -> String {
+    let block = format!(
+        "{HBA_BEGIN}\nhost    replication     {}    {secondary}/32    scram-sha-256\n{HBA_END}\n",
+        quote_ident(role)
+    );
+    let mut rest = String::new();
+    let mut inside = false;
+    for line in text.lines() {
+        if line == HBA_BEGIN {
+            inside = true;
+        } else if inside && line == HBA_END {
+            inside = false;
+        } else if !inside {
+            rest.push_str(line);
+            rest.push('\n');
+        }
+    }
+    format!("{block}{rest}")
+}
+
 /// `"name"` for SQL, quotes doubled.
 pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
@@ -224,6 +365,31 @@ mod tests {
         assert_ne!(a, b);
         assert!(verifier_matches(&a, &password) && verifier_matches(&b, &password));
         assert!(!a.contains("another long password"));
+    }
+
+    #[test]
+    fn the_hba_block_is_first_holds_one_rule_and_replaces_an_old_one() {
+        let debian = "local   all   postgres   peer\nhost all all 127.0.0.1/32 scram-sha-256\n";
+        let a = std::net::Ipv4Addr::new(10, 0, 0, 2);
+        let once = hba_with_replication_rule(debian, "hapair_replication", a);
+        assert_eq!(
+            once,
+            format!("{HBA_BEGIN}\nhost    replication     \"hapair_replication\"    10.0.0.2/32    scram-sha-256\n{HBA_END}\n{debian}")
+        );
+        assert_eq!(
+            hba_with_replication_rule(&once, "hapair_replication", a),
+            once
+        );
+        let moved = hba_with_replication_rule(
+            &once,
+            "hapair_replication",
+            std::net::Ipv4Addr::new(10, 0, 0, 3),
+        );
+        assert!(
+            moved.contains("10.0.0.3/32") && !moved.contains("10.0.0.2/32"),
+            "{moved}"
+        );
+        assert_eq!(slot_name_for(a), "hapair_10_0_0_2");
     }
 
     #[test]

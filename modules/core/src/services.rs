@@ -20,6 +20,16 @@ impl Unit {
         Ok(out.success())
     }
 
+    pub fn start(&self) -> Result<()> {
+        Command::new("systemctl").args(["start", &self.0]).run()?;
+        Ok(())
+    }
+
+    pub fn stop(&self) -> Result<()> {
+        Command::new("systemctl").args(["stop", &self.0]).run()?;
+        Ok(())
+    }
+
     pub fn restart(&self) -> Result<()> {
         Command::new("systemctl").args(["restart", &self.0]).run()?;
         Ok(())

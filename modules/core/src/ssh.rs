@@ -121,6 +121,38 @@ pub fn scan_host_key(host: Ipv4Addr, timeout: Duration) -> Result<PublicKey> {
     PublicKey::parse(key)
 }
 
+/// Runs `command` on `peer` as the cluster account `account`, with its own
+/// key and its pinned known_hosts only: strict host key checking, no agent,
+/// no prompt.
+pub fn run_on_peer(
+    account: &crate::account::Account,
+    peer: Ipv4Addr,
+    command: &str,
+    timeout: Duration,
+) -> Result<crate::command::Output> {
+    let ssh_dir = account.home.join(".ssh");
+    let option = |name: &str, value: &str| ["-o".to_string(), format!("{name}={value}")];
+    let mut args: Vec<String> = vec!["-u".into(), account.name.clone(), "--".into(), "ssh".into()];
+    args.extend(option("BatchMode", "yes"));
+    args.extend(option("StrictHostKeyChecking", "yes"));
+    args.extend(option("GlobalKnownHostsFile", "/dev/null"));
+    args.extend(option(
+        "UserKnownHostsFile",
+        &ssh_dir.join("known_hosts").display().to_string(),
+    ));
+    args.extend(option("IdentitiesOnly", "yes"));
+    args.extend(option(
+        "ConnectTimeout",
+        &timeout.as_secs().max(1).to_string(),
+    ));
+    args.extend([
+        "-i".into(),
+        ssh_dir.join("id_ed25519").display().to_string(),
+    ]);
+    args.extend([peer.to_string(), command.to_string()]);
+    Command::new("runuser").args(args).output()
+}
+
 /// The `authorized_keys` line that lets `key` in from `from` only, with no
 /// forwarding and no pty: enough for rsync and commands, nothing more.
 pub fn authorized_entry(key: &PublicKey, from: Ipv4Addr) -> String {
