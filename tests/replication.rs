@@ -2,9 +2,10 @@
 //! the seed's steps 4, 7 and 8. Assertions are on the hosts.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{bail, Result};
-use hapair_tests::{ensure_eq, suite, Fleet, Host, Test};
+use hapair_tests::{ensure_eq, suite, wait_for, Fleet, Host, ModuleRun, Test, MODULE_DIR};
 use serde_json::{json, Value};
 
 const TESTS: &[Test] = &[
@@ -15,6 +16,26 @@ const TESTS: &[Test] = &[
     (
         "step4_primary_mode_configures_the_three_services_and_a_rerun_restarts_nothing",
         primary_mode,
+    ),
+    (
+        "step7_8_a_protected_secondary_is_refused_and_its_data_stays",
+        protected_secondary,
+    ),
+    (
+        "step7_8_the_secondary_streams_rows_and_is_read_only",
+        secondary_streams,
+    ),
+    (
+        "step7_8_a_rerun_changes_nothing_and_restarts_nothing",
+        rerun_restarts_nothing,
+    ),
+    (
+        "step8_a_secondary_of_another_cluster_is_reseeded",
+        reseeds_another_cluster,
+    ),
+    (
+        "step8_the_primary_stopped_mid_copy_loses_nothing_and_a_rerun_converges",
+        primary_stops_mid_copy,
     ),
 ];
 
@@ -156,5 +177,302 @@ fn no_secret_in(output: &str) -> Result<()> {
             bail!("a password is in the module's output: {output}");
         }
     }
+    Ok(())
+}
+
+// --- Steps 7 and 8 ---------------------------------------------------------
+
+const PSQL: &str = "runuser -u postgres -- psql -XAt";
+
+fn sql(host: &Host, query: &str) -> Result<String> {
+    Ok(host
+        .sh(&format!("{PSQL} -c \"{query}\""))?
+        .trim()
+        .to_string())
+}
+
+/// Keys and trust between the pair (seed steps 2 and 3), once.
+fn trust(primary: &Host, secondary: &Host) -> Result<()> {
+    if secondary.succeeds("test -s /var/lib/hapair/.ssh/authorized_keys")? {
+        return Ok(());
+    }
+    let key = |h: &Host| -> Result<Value> {
+        Ok(h.run_module("cluster_generate_keys", &json!({}))?
+            .ok()?
+            .json["public_key"]
+            .clone())
+    };
+    let host_key = |h: &Host| -> Result<String> {
+        Ok(h.sh("cut -d' ' -f1,2 /etc/ssh/ssh_host_ed25519_key.pub")?
+            .trim()
+            .to_string())
+    };
+    let (key_p, key_s) = (key(primary)?, key(secondary)?);
+    primary.run_module("replication_helper", &json!({"peer_public_key": key_s, "peer_address": secondary.ip, "peer_host_key": host_key(secondary)?}))?.ok()?;
+    secondary.run_module("replication_helper", &json!({"peer_public_key": key_p, "peer_address": primary.ip, "peer_host_key": host_key(primary)?}))?.ok()?;
+    Ok(())
+}
+
+fn add_secondary(primary: &Host, secondary: &Host) -> Result<ModuleRun> {
+    primary.run_module(
+        "cluster_add_secondary",
+        &json!({"secondary_address": secondary.ip, "_ansible_diff": true}),
+    )
+}
+
+fn replicate(secondary: &Host, primary: &Host, extra: Value) -> Result<ModuleRun> {
+    let mut args =
+        json!({"primary_address": primary.ip, "replication_password": REPLICATION_PASSWORD});
+    args.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().cloned().unwrap_or_default());
+    secondary.run_module("cluster_replicate_postgres", &args)
+}
+
+fn set_protected(host: &Host, protected: bool) -> Result<()> {
+    host.run_module(
+        "instance_conf",
+        &json!({"key": "cluster.protected_instance", "value": protected}),
+    )?
+    .ok()?;
+    Ok(())
+}
+
+fn protected_secondary(fleet: &Fleet) -> Result<()> {
+    let (primary, secondary) = (fleet.host("primary"), fleet.host("secondary"));
+    trust(primary, secondary)?;
+    sql(
+        secondary,
+        "create table if not exists marker (note text); insert into marker values ('mine')",
+    )?;
+    set_protected(secondary, true)?;
+    let added = add_secondary(primary, secondary)?;
+    if !added.failed()
+        || !added.msg().contains("protected")
+        || !added.msg().contains("\"value\": false")
+    {
+        bail!(
+            "cluster_add_secondary did not refuse a protected secondary clearly: {}",
+            added.stdout
+        );
+    }
+    let copied = replicate(secondary, primary, json!({}))?;
+    if !copied.failed() || !copied.msg().contains("protected instance") {
+        bail!(
+            "cluster_replicate_postgres did not refuse a protected instance: {}",
+            copied.stdout
+        );
+    }
+    ensure_eq!(sql(secondary, "select note from marker")?, "mine");
+    Ok(())
+}
+
+/// A checksum of a table's rows, the same on both hosts when in sync.
+fn checksum(host: &Host, table: &str) -> Result<String> {
+    sql(
+        host,
+        &format!("select md5(string_agg(t::text, ',' order by t::text)) from {table} t"),
+    )
+}
+
+fn secondary_streams(fleet: &Fleet) -> Result<()> {
+    let (primary, secondary) = (fleet.host("primary"), fleet.host("secondary"));
+    trust(primary, secondary)?;
+    primary
+        .run_module("cluster_enter_primary_mode", &primary_mode_args(primary))?
+        .ok()?;
+    set_protected(secondary, false)?;
+    let hba_before = primary.sh("cat /etc/postgresql/15/main/pg_hba.conf")?;
+    let added = add_secondary(primary, secondary)?.ok()?;
+    ensure_eq!(added.changed(), true);
+    // pg_hba gains one rule: replication, the role, the secondary's /32.
+    let hba_after = primary.sh("cat /etc/postgresql/15/main/pg_hba.conf")?;
+    let new_lines: Vec<&str> = hba_after
+        .lines()
+        .filter(|l| !hba_before.lines().any(|b| b == *l))
+        .collect();
+    let rules: Vec<&str> = new_lines
+        .iter()
+        .copied()
+        .filter(|l| !l.starts_with('#'))
+        .collect();
+    ensure_eq!(rules.len(), 1);
+    let words: Vec<&str> = rules[0].split_whitespace().collect();
+    ensure_eq!(
+        words,
+        vec![
+            "host",
+            "replication",
+            "\"hapair_replication\"",
+            &format!("{}/32", secondary.ip),
+            "scram-sha-256"
+        ]
+    );
+
+    primary.sh("runuser -u postgres -- pgbench -q -i -s 2 postgres")?;
+    let copied = replicate(secondary, primary, json!({}))?.ok()?;
+    ensure_eq!(copied.changed(), true);
+    no_secret_in(&copied.stdout)?;
+    ensure_eq!(sql(secondary, "select pg_is_in_recovery()")?, "t");
+    ensure_eq!(
+        sql(secondary, "select status from pg_stat_wal_receiver")?,
+        "streaming"
+    );
+
+    // Rows written on the primary after set-up reach the secondary.
+    sql(
+        primary,
+        "create table after_setup (n int); insert into after_setup select generate_series(1, 1000)",
+    )?;
+    wait_for("rows on the secondary", Duration::from_secs(30), || {
+        Ok(secondary
+            .sh(&format!(
+                "{PSQL} -c 'select count(*) from after_setup' 2>/dev/null"
+            ))?
+            .trim()
+            == "1000")
+    })?;
+    sql(
+        primary,
+        "update pgbench_accounts set abalance = abalance + 1 where aid % 7 = 0",
+    )?;
+    wait_for("the secondary to catch up", Duration::from_secs(30), || {
+        Ok(checksum(primary, "pgbench_accounts")? == checksum(secondary, "pgbench_accounts")?)
+    })?;
+    // The secondary is read-only.
+    let write = secondary.sh_output(&format!("{PSQL} -c 'insert into after_setup values (1)'"))?;
+    if write.status.success() || !String::from_utf8_lossy(&write.stderr).contains("read-only") {
+        bail!("a write on the secondary was not refused as read-only");
+    }
+    let config: Value = serde_json::from_str(&secondary.sh("cat /etc/hapair/instance.json")?)?;
+    ensure_eq!(config["cluster"]["replication_mode"], "secondary");
+    // No old data directory or copy left behind, and no password in the standby settings.
+    ensure_eq!(
+        secondary.sh("ls -d /var/lib/postgresql/15/main.hapair-* 2>/dev/null || true")?,
+        ""
+    );
+    if secondary
+        .sh("cat /etc/postgresql/15/main/conf.d/hapair-standby.conf")?
+        .contains(REPLICATION_PASSWORD)
+    {
+        bail!("the standby settings hold the password inline");
+    }
+    ensure_eq!(
+        secondary
+            .sh("stat -c '%a %U' /var/lib/postgresql/15/hapair.pgpass")?
+            .trim(),
+        "600 postgres"
+    );
+    Ok(())
+}
+
+fn rerun_restarts_nothing(fleet: &Fleet) -> Result<()> {
+    let (primary, secondary) = (fleet.host("primary"), fleet.host("secondary"));
+    let started = |h: &Host| sql(h, "select pg_postmaster_start_time()");
+    let before = (started(primary)?, started(secondary)?);
+    ensure_eq!(add_secondary(primary, secondary)?.ok()?.changed(), false);
+    ensure_eq!(
+        replicate(secondary, primary, json!({}))?.ok()?.changed(),
+        false
+    );
+    ensure_eq!((started(primary)?, started(secondary)?), before);
+    Ok(())
+}
+
+/// Turns the secondary into a standalone cluster of its own: a new system
+/// identifier, with a marker table.
+fn make_foreign_cluster(secondary: &Host) -> Result<String> {
+    secondary.sh(
+        "systemctl stop postgresql@15-main && \
+         rm -rf /var/lib/postgresql/15/main && \
+         install -d -o postgres -g postgres -m 700 /var/lib/postgresql/15/main && \
+         runuser -u postgres -- /usr/lib/postgresql/15/bin/initdb -D /var/lib/postgresql/15/main >/dev/null && \
+         rm -f /var/lib/postgresql/15/main/postgresql.conf /var/lib/postgresql/15/main/pg_hba.conf /var/lib/postgresql/15/main/pg_ident.conf && \
+         systemctl start postgresql@15-main",
+    )?;
+    sql(
+        secondary,
+        "create table marker (note text); insert into marker values ('foreign')",
+    )?;
+    sql(
+        secondary,
+        "select system_identifier from pg_control_system()",
+    )
+}
+
+fn reseeds_another_cluster(fleet: &Fleet) -> Result<()> {
+    let (primary, secondary) = (fleet.host("primary"), fleet.host("secondary"));
+    let foreign = make_foreign_cluster(secondary)?;
+    let primary_id = sql(primary, "select system_identifier from pg_control_system()")?;
+    if foreign == primary_id {
+        bail!("the foreign cluster has the primary's system identifier");
+    }
+    let copied = replicate(secondary, primary, json!({}))?.ok()?;
+    ensure_eq!(copied.changed(), true);
+    ensure_eq!(
+        sql(
+            secondary,
+            "select system_identifier from pg_control_system()"
+        )?,
+        primary_id
+    );
+    ensure_eq!(
+        sql(secondary, "select status from pg_stat_wal_receiver")?,
+        "streaming"
+    );
+    Ok(())
+}
+
+fn primary_stops_mid_copy(fleet: &Fleet) -> Result<()> {
+    let (primary, secondary) = (fleet.host("primary"), fleet.host("secondary"));
+    // Enough data, and a slow enough copy, to stop the primary half-way.
+    primary.sh("runuser -u postgres -- pgbench -q -i -s 8 postgres")?;
+    let foreign = make_foreign_cluster(secondary)?;
+    secondary.write(
+        "/tmp/slow-copy.json",
+        &json!({"primary_address": primary.ip, "replication_password": REPLICATION_PASSWORD, "max_rate": "16M"}).to_string(),
+    )?;
+    secondary.sh(&format!(
+        "rm -f /tmp/slow-copy.out; nohup sh -c '{MODULE_DIR}/cluster_replicate_postgres /tmp/slow-copy.json > /tmp/slow-copy.out' >/dev/null 2>&1 &"
+    ))?;
+    wait_for("the copy to start", Duration::from_secs(20), || {
+        secondary.succeeds("test -d /var/lib/postgresql/15/main.hapair-new/base")
+    })?;
+    primary.sh("systemctl stop postgresql@15-main")?;
+    let finished = wait_for("the module to give up", Duration::from_secs(120), || {
+        secondary.succeeds("test -s /tmp/slow-copy.out")
+    });
+    primary.sh("systemctl start postgresql@15-main")?;
+    finished?;
+    let out: Value = serde_json::from_str(secondary.sh("cat /tmp/slow-copy.out")?.trim())?;
+    let msg = out["msg"].as_str().unwrap_or("");
+    if out["failed"] != true || !msg.contains("nothing was lost") {
+        bail!("stopping the primary mid-copy did not fail clearly: {out}");
+    }
+    // The secondary's own data is intact and running; no half copy is left.
+    ensure_eq!(
+        sql(
+            secondary,
+            "select system_identifier from pg_control_system()"
+        )?,
+        foreign
+    );
+    ensure_eq!(sql(secondary, "select note from marker")?, "foreign");
+    ensure_eq!(
+        secondary.sh("ls -d /var/lib/postgresql/15/main.hapair-* 2>/dev/null || true")?,
+        ""
+    );
+
+    // With the primary back, a re-run converges.
+    let again = replicate(secondary, primary, json!({}))?.ok()?;
+    ensure_eq!(again.changed(), true);
+    ensure_eq!(
+        sql(secondary, "select status from pg_stat_wal_receiver")?,
+        "streaming"
+    );
+    ensure_eq!(
+        checksum(primary, "pgbench_accounts")?,
+        checksum(secondary, "pgbench_accounts")?
+    );
     Ok(())
 }
