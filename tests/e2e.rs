@@ -3,10 +3,12 @@
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
-use hapair_tests::{ensure_eq, module_binary, module_names, repo_root, suite, Fleet, Host, Test};
+use hapair_tests::{
+    ensure_eq, module_binary, module_names, repo_root, suite, wait_for, Fleet, Host, Test,
+};
 use serde_json::{json, Value};
 
 const TESTS: &[Test] = &[
@@ -273,13 +275,34 @@ fn ha_setup(fleet: &Fleet) -> Result<()> {
         Ok(config["cluster"]["replication_mode"].clone())
     };
     ensure_eq!(mode(primary)?, "primary");
-    ensure_eq!(mode(secondary)?, Value::Null);
     ensure_eq!(
         primary
             .sh("runuser -u postgres -- psql -XAtc 'show wal_level'")?
             .trim(),
         "replica"
     );
+    // Steps 7 and 8: the secondary streams, and a row written on the
+    // primary arrives.
+    let psql = |host: &Host, query: &str| {
+        host.sh(&format!("runuser -u postgres -- psql -XAtc \"{query}\""))
+    };
+    ensure_eq!(
+        psql(secondary, "select status from pg_stat_wal_receiver")?.trim(),
+        "streaming"
+    );
+    ensure_eq!(mode(secondary)?, "secondary");
+    psql(
+        primary,
+        "create table e2e (note text); insert into e2e values ('from the primary')",
+    )?;
+    wait_for("the row on the secondary", Duration::from_secs(30), || {
+        Ok(secondary
+            .sh("runuser -u postgres -- psql -XAtc 'select note from e2e' 2>/dev/null || true")?
+            .trim()
+            == "from the primary")
+    })?;
+    let started = |host: &Host| psql(host, "select pg_postmaster_start_time()");
+    let start_times = (started(primary)?, started(secondary)?);
     let set_up = [
         primary.snapshot(SET_UP_PATHS)?,
         secondary.snapshot(SET_UP_PATHS)?,
@@ -299,6 +322,7 @@ fn ha_setup(fleet: &Fleet) -> Result<()> {
     }
     set_up[0].ensure_unchanged(&primary.snapshot(SET_UP_PATHS)?)?;
     set_up[1].ensure_unchanged(&secondary.snapshot(SET_UP_PATHS)?)?;
+    ensure_eq!((started(primary)?, started(secondary)?), start_times);
 
     // And check mode after set-up has nothing to do.
     let recheck = playbook(fleet, "ha_setup.yml", &["--check", "--diff"])?.ok()?;
