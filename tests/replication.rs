@@ -5,7 +5,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use hapair_tests::{ensure_eq, suite, wait_for, Fleet, Host, ModuleRun, Test, MODULE_DIR};
+use hapair_tests::{
+    ensure_eq, exchange_keys, suite, wait_for, Fleet, Host, ModuleRun, Test, MODULE_DIR,
+};
 use serde_json::{json, Value};
 
 const TESTS: &[Test] = &[
@@ -193,23 +195,9 @@ fn sql(host: &Host, query: &str) -> Result<String> {
 
 /// Keys and trust between the pair (seed steps 2 and 3), once.
 fn trust(primary: &Host, secondary: &Host) -> Result<()> {
-    if secondary.succeeds("test -s /var/lib/hapair/.ssh/authorized_keys")? {
-        return Ok(());
+    if !secondary.succeeds("test -s /var/lib/hapair/.ssh/authorized_keys")? {
+        exchange_keys(primary, secondary)?;
     }
-    let key = |h: &Host| -> Result<Value> {
-        Ok(h.run_module("cluster_generate_keys", &json!({}))?
-            .ok()?
-            .json["public_key"]
-            .clone())
-    };
-    let host_key = |h: &Host| -> Result<String> {
-        Ok(h.sh("cut -d' ' -f1,2 /etc/ssh/ssh_host_ed25519_key.pub")?
-            .trim()
-            .to_string())
-    };
-    let (key_p, key_s) = (key(primary)?, key(secondary)?);
-    primary.run_module("replication_helper", &json!({"peer_public_key": key_s, "peer_address": secondary.ip, "peer_host_key": host_key(secondary)?}))?.ok()?;
-    secondary.run_module("replication_helper", &json!({"peer_public_key": key_p, "peer_address": primary.ip, "peer_host_key": host_key(primary)?}))?.ok()?;
     Ok(())
 }
 

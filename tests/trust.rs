@@ -7,7 +7,7 @@
 use std::process::ExitCode;
 
 use anyhow::{bail, Result};
-use hapair_tests::{ensure_eq, suite, Fleet, Host, ModuleRun, Test, MODULE_DIR};
+use hapair_tests::{ensure_eq, exchange_keys, suite, Fleet, Host, ModuleRun, Test, MODULE_DIR};
 use serde_json::{json, Value};
 
 const TESTS: &[Test] = &[
@@ -167,32 +167,6 @@ fn preflight_moved_disks(fleet: &Fleet) -> Result<()> {
         bail!("moved disks were not reported: {}", moved.stdout);
     }
     Ok(())
-}
-
-/// Generates keys on both hosts and runs the helper on each with the other's
-/// key, address and host key, as the playbook does through the controller.
-fn exchange_keys(a: &Host, b: &Host) -> Result<[ModuleRun; 2]> {
-    let key = |h: &Host| -> Result<String> {
-        Ok(
-            run(h, "cluster_generate_keys", json!({}))?.ok()?.json["public_key"]
-                .as_str()
-                .unwrap_or("")
-                .to_string(),
-        )
-    };
-    let host_key =
-        |h: &Host| -> Result<Value> { Ok(preflight_facts(h, json!({}))?["ssh_host_key"].clone()) };
-    let (key_a, key_b) = (key(a)?, key(b)?);
-    let (host_key_a, host_key_b) = (host_key(a)?, host_key(b)?);
-    let helper = |h: &Host, peer: &Host, peer_key: &str, peer_host_key: &Value| {
-        run(h, "replication_helper", json!({
-            "peer_public_key": peer_key, "peer_address": peer.ip, "peer_host_key": peer_host_key,
-        }))?.ok()
-    };
-    Ok([
-        helper(a, b, &key_b, &host_key_b)?,
-        helper(b, a, &key_a, &host_key_a)?,
-    ])
 }
 
 /// SSH as the cluster account from `from` to `to`, with the account's

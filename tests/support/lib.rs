@@ -379,6 +379,41 @@ impl Host {
     }
 }
 
+/// Seed steps 2 and 3 between `a` and `b`, as the playbook does them:
+/// keys on both hosts, then the helper on each with the other's key,
+/// address and host key (from its preflight facts).
+pub fn exchange_keys(a: &Host, b: &Host) -> Result<[ModuleRun; 2]> {
+    let key = |h: &Host| -> Result<Value> {
+        Ok(
+            h.run_module("cluster_generate_keys", &serde_json::json!({}))?
+                .ok()?
+                .json["public_key"]
+                .clone(),
+        )
+    };
+    let host_key = |h: &Host| -> Result<Value> {
+        Ok(h.run_module("cluster_preflight", &serde_json::json!({}))?
+            .ok()?
+            .json["facts"]["ssh_host_key"]
+            .clone())
+    };
+    let (key_a, key_b) = (key(a)?, key(b)?);
+    let (host_key_a, host_key_b) = (host_key(a)?, host_key(b)?);
+    let helper = |h: &Host, peer: &Host, peer_key: &Value, peer_host_key: &Value| {
+        h.run_module(
+            "replication_helper",
+            &serde_json::json!({
+                "peer_public_key": peer_key, "peer_address": peer.ip, "peer_host_key": peer_host_key,
+            }),
+        )?
+        .ok()
+    };
+    Ok([
+        helper(a, b, &key_b, &host_key_b)?,
+        helper(b, a, &key_a, &host_key_a)?,
+    ])
+}
+
 /// What [`Host::snapshot`] saw.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot(pub String);
