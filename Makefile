@@ -16,7 +16,7 @@ NET ?= 0
 
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
-.PHONY: help build stage venv maven-deps image fleet-up fleet-down demo test test-unit test-fleet lint clean
+.PHONY: help build stage venv maven-deps image fleet-up fleet-down demo test test-unit test-fleet bench lint clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -64,6 +64,9 @@ test-unit: ## Unit tests of the core and the modules (no hosts)
 
 test-fleet: venv stage image ## Module and end-to-end tests on fleet hosts
 	cargo test -p hapair-tests
+
+bench: stage image ## Step 8's copy of 1 GiB against tar over SSH: figures and ratio
+	cargo bench -p hapair-tests --bench bench_copy
 
 lint: ## Formatting and clippy, as required before each commit
 	cargo fmt --all -- --check
