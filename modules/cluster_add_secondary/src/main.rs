@@ -36,35 +36,23 @@ struct Args {
     secondary_address: String,
     #[serde(default = "account::default_name")]
     account: String,
-    #[serde(default = "default_replication_user")]
+    #[serde(default = "postgres::default_replication_user")]
     replication_user: String,
     /// The secondary's instance config, read over SSH.
     #[serde(default = "instance::default_path")]
     secondary_instance_config: PathBuf,
     #[serde(default = "instance::default_path")]
     instance_config: PathBuf,
-    #[serde(default = "default_postgresql_config_dir")]
+    #[serde(default = "postgres::default_config_dir")]
     postgresql_config_dir: PathBuf,
-    #[serde(default = "default_postgresql_port")]
+    #[serde(default = "postgres::default_port")]
     postgresql_port: u16,
-    #[serde(default = "default_postgresql_unit")]
+    #[serde(default = "postgres::default_unit")]
     postgresql_unit: String,
     #[serde(default = "default_ssh_timeout")]
     ssh_timeout: u64,
 }
 
-fn default_replication_user() -> String {
-    format!("{}_replication", account::DEFAULT_NAME)
-}
-fn default_postgresql_config_dir() -> PathBuf {
-    "/etc/postgresql/15/main".into()
-}
-fn default_postgresql_port() -> u16 {
-    5432
-}
-fn default_postgresql_unit() -> String {
-    "postgresql@15-main".into()
-}
 fn default_ssh_timeout() -> u64 {
     10
 }

@@ -23,7 +23,7 @@ use hapair_core::files::FilePlan;
 use hapair_core::instance::{self, InstanceConfig, Key};
 use hapair_core::postgres::{self, Cluster};
 use hapair_core::services::Unit;
-use hapair_core::{account, net, protocol, Context, Outcome, Secret, Spec};
+use hapair_core::{net, protocol, Context, Outcome, Secret, Spec};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -39,7 +39,7 @@ struct Args {
     /// This host's address on the pair's network.
     address: String,
     replication_password: Secret,
-    #[serde(default = "default_replication_user")]
+    #[serde(default = "postgres::default_replication_user")]
     replication_user: String,
     redis_password: Secret,
     #[serde(default = "default_max_wal_senders")]
@@ -48,11 +48,11 @@ struct Args {
     max_replication_slots: u32,
     #[serde(default = "default_max_slot_wal_keep_size")]
     max_slot_wal_keep_size: String,
-    #[serde(default = "default_postgresql_config_dir")]
+    #[serde(default = "postgres::default_config_dir")]
     postgresql_config_dir: PathBuf,
-    #[serde(default = "default_postgresql_port")]
+    #[serde(default = "postgres::default_port")]
     postgresql_port: u16,
-    #[serde(default = "default_postgresql_unit")]
+    #[serde(default = "postgres::default_unit")]
     postgresql_unit: String,
     #[serde(default = "default_redis_config")]
     redis_config: PathBuf,
@@ -68,9 +68,6 @@ struct Args {
     instance_config: PathBuf,
 }
 
-fn default_replication_user() -> String {
-    format!("{}_replication", account::DEFAULT_NAME)
-}
 fn default_max_wal_senders() -> u32 {
     10
 }
@@ -79,15 +76,6 @@ fn default_max_replication_slots() -> u32 {
 }
 fn default_max_slot_wal_keep_size() -> String {
     "10GB".into()
-}
-fn default_postgresql_config_dir() -> PathBuf {
-    "/etc/postgresql/15/main".into()
-}
-fn default_postgresql_port() -> u16 {
-    5432
-}
-fn default_postgresql_unit() -> String {
-    "postgresql@15-main".into()
 }
 fn default_redis_config() -> PathBuf {
     "/etc/redis/redis.conf".into()

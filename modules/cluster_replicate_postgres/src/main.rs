@@ -27,7 +27,7 @@ use hapair_core::command::Command;
 use hapair_core::files::{self, FilePlan};
 use hapair_core::instance::{self, InstanceConfig, Key};
 use hapair_core::postgres::{self, Cluster, Upstream};
-use hapair_core::{account, net, protocol, Context, Outcome, Secret, Spec};
+use hapair_core::{net, protocol, Context, Outcome, Secret, Spec};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -42,21 +42,21 @@ const SPEC: Spec = Spec {
 struct Args {
     primary_address: String,
     replication_password: Secret,
-    #[serde(default = "default_replication_user")]
+    #[serde(default = "postgres::default_replication_user")]
     replication_user: String,
     /// This host's address on the pair's network (names its slot); found
     /// from the route to the primary when not given.
     #[serde(default)]
     address: Option<String>,
-    #[serde(default = "default_data_dir")]
+    #[serde(default = "postgres::default_data_dir")]
     data_dir: PathBuf,
-    #[serde(default = "default_config_dir")]
+    #[serde(default = "postgres::default_config_dir")]
     postgresql_config_dir: PathBuf,
-    #[serde(default = "default_bin_dir")]
+    #[serde(default = "postgres::default_bin_dir")]
     postgresql_bin_dir: PathBuf,
-    #[serde(default = "default_port")]
+    #[serde(default = "postgres::default_port")]
     postgresql_port: u16,
-    #[serde(default = "default_unit")]
+    #[serde(default = "postgres::default_unit")]
     postgresql_unit: String,
     /// Keep the replaced data directory (as DATA_DIR.hapair-old) instead of
     /// removing it once the copy streams.
@@ -72,24 +72,6 @@ struct Args {
     instance_config: PathBuf,
 }
 
-fn default_replication_user() -> String {
-    format!("{}_replication", account::DEFAULT_NAME)
-}
-fn default_data_dir() -> PathBuf {
-    "/var/lib/postgresql/15/main".into()
-}
-fn default_config_dir() -> PathBuf {
-    "/etc/postgresql/15/main".into()
-}
-fn default_bin_dir() -> PathBuf {
-    "/usr/lib/postgresql/15/bin".into()
-}
-fn default_port() -> u16 {
-    5432
-}
-fn default_unit() -> String {
-    "postgresql@15-main".into()
-}
 fn default_stream_timeout() -> u64 {
     120
 }

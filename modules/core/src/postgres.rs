@@ -19,6 +19,28 @@ use crate::command::Command;
 use crate::secret::Secret;
 use crate::services::Unit;
 
+// Defaults of the options every PostgreSQL step takes: Debian's layout of
+// a PostgreSQL 15 cluster named main, and hapair's replication role. For
+// `#[serde(default = "...")]`.
+pub fn default_config_dir() -> PathBuf {
+    "/etc/postgresql/15/main".into()
+}
+pub fn default_data_dir() -> PathBuf {
+    "/var/lib/postgresql/15/main".into()
+}
+pub fn default_bin_dir() -> PathBuf {
+    "/usr/lib/postgresql/15/bin".into()
+}
+pub fn default_port() -> u16 {
+    5432
+}
+pub fn default_unit() -> String {
+    "postgresql@15-main".into()
+}
+pub fn default_replication_user() -> String {
+    format!("{}_replication", crate::account::DEFAULT_NAME)
+}
+
 /// A PostgreSQL cluster laid out as Debian's postgresql-common does.
 #[derive(Debug, Clone)]
 pub struct Cluster {
