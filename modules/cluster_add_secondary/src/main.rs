@@ -62,10 +62,7 @@ fn main() -> ExitCode {
 }
 
 fn cluster_add_secondary(args: Args, ctx: &mut Context) -> Result<Outcome> {
-    let secondary = instance::parse_ipv4(
-        "secondary_address",
-        &Value::String(args.secondary_address.clone()),
-    )?;
+    let secondary = instance::parse_ipv4_str("secondary_address", &args.secondary_address)?;
     let config = InstanceConfig::load(&args.instance_config)?;
     if config.value(&Key::parse(instance::REPLICATION_MODE)?)
         != Some(Value::String("primary".into()))
@@ -130,12 +127,7 @@ fn cluster_add_secondary(args: Args, ctx: &mut Context) -> Result<Outcome> {
         hba_state.mode,
         Some(hba_state.owner),
     )?;
-    let hosts_key = Key::parse(instance::HOSTS)?;
-    let mut hosts = match config.value(&hosts_key) {
-        Some(Value::Array(hosts)) => hosts,
-        _ => Vec::new(),
-    };
-    let record = !hosts.contains(&Value::String(secondary.to_string()));
+    let record = config.clone().add_hosts(&[secondary])?;
 
     let mut actions: Vec<String> = Vec::new();
     if !has_slot {
@@ -160,11 +152,9 @@ fn cluster_add_secondary(args: Args, ctx: &mut Context) -> Result<Outcome> {
             cluster.reload()?;
         }
         if record {
-            let _lock = InstanceConfig::lock(&args.instance_config)?;
-            let mut config = InstanceConfig::load(&args.instance_config)?;
-            hosts.push(Value::String(secondary.to_string()));
-            config.set(instance::HOSTS, Value::Array(hosts))?;
-            config.save()?;
+            InstanceConfig::update(&args.instance_config, |config| {
+                config.add_hosts(&[secondary]).map(|_| ())
+            })?;
         }
     }
     let msg = match (changed, ctx.check_mode) {

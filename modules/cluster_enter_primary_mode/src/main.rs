@@ -19,7 +19,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
-use hapair_core::files::FilePlan;
+use hapair_core::files::{self, FilePlan};
 use hapair_core::instance::{self, InstanceConfig, Key};
 use hapair_core::postgres::{self, Cluster};
 use hapair_core::services::Unit;
@@ -101,7 +101,7 @@ fn main() -> ExitCode {
 }
 
 fn cluster_enter_primary_mode(args: Args, ctx: &mut Context) -> Result<Outcome> {
-    let address = instance::parse_ipv4("address", &Value::String(args.address.clone()))?;
+    let address = instance::parse_ipv4_str("address", &args.address)?;
     if !net::host_ipv4_addresses()?.contains(&address) {
         bail!("address {address} is not one of this host's addresses: pass the address its peer reaches it at");
     }
@@ -125,7 +125,7 @@ fn cluster_enter_primary_mode(args: Args, ctx: &mut Context) -> Result<Outcome> 
 
     // Plan: the files, the role, the mode.
     let mut files = FilePlan::default();
-    let pg_owner = owner_of(&args.postgresql_config_dir)?;
+    let pg_owner = files::existing(&args.postgresql_config_dir)?.owner;
     files.file(
         &cluster.dropin(),
         |_| postgres_dropin(&args, address),
@@ -133,7 +133,7 @@ fn cluster_enter_primary_mode(args: Args, ctx: &mut Context) -> Result<Outcome> 
         Some(pg_owner),
     )?;
     let redis_dropin = redis_dropin_path(&args.redis_config);
-    let redis_owner = owner_of(&args.redis_config)?;
+    let redis_owner = files::existing(&args.redis_config)?.owner;
     files.secret_file(
         &redis_dropin,
         |_| redis_dropin_text(&args, address),
@@ -144,15 +144,15 @@ fn cluster_enter_primary_mode(args: Args, ctx: &mut Context) -> Result<Outcome> 
     files.file(
         &args.redis_config,
         |text| with_line(text, &include),
-        mode_of(&args.redis_config)?,
+        files::existing(&args.redis_config)?.mode,
         Some(redis_owner),
     )?;
     let advertised = format!("PLAINTEXT://{address}:{}", args.kafka_port);
     files.file(
         &args.kafka_config,
         |text| with_property(text, "advertised.listeners", &advertised),
-        mode_of(&args.kafka_config)?,
-        Some(owner_of(&args.kafka_config)?),
+        files::existing(&args.kafka_config)?.mode,
+        Some(files::existing(&args.kafka_config)?.owner),
     )?;
     let role = cluster.role_password(&args.replication_user)?;
     let role_ok = matches!(&role, Some(Some(stored)) if postgres::verifier_matches(stored, &args.replication_password));
@@ -206,10 +206,9 @@ fn cluster_enter_primary_mode(args: Args, ctx: &mut Context) -> Result<Outcome> 
             restarted.push(unit.to_string());
         }
         if !mode_ok {
-            let _lock = InstanceConfig::lock(&args.instance_config)?;
-            let mut config = InstanceConfig::load(&args.instance_config)?;
-            config.set(instance::REPLICATION_MODE, Value::String("primary".into()))?;
-            config.save()?;
+            InstanceConfig::update(&args.instance_config, |config| {
+                config.set(instance::REPLICATION_MODE, Value::String("primary".into()))
+            })?;
         }
     }
 
@@ -306,28 +305,6 @@ fn with_property(text: &str, key: &str, value: &str) -> String {
         lines.push(wanted);
     }
     lines.join("\n") + "\n"
-}
-
-fn owner_of(path: &Path) -> Result<hapair_core::files::Owner> {
-    Ok(hapair_core::files::state(path)?
-        .with_context(|| {
-            format!(
-                "{} does not exist: is the service installed?",
-                path.display()
-            )
-        })?
-        .owner)
-}
-
-fn mode_of(path: &Path) -> Result<u32> {
-    Ok(hapair_core::files::state(path)?
-        .with_context(|| {
-            format!(
-                "{} does not exist: is the service installed?",
-                path.display()
-            )
-        })?
-        .mode)
 }
 
 /// Waits until a restarted service accepts connections again.

@@ -8,7 +8,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _, Result};
 use hapair_core::account::{self, Account};
@@ -187,10 +186,10 @@ fn plan(args: &Args, existing: Option<&Account>, home: &Path, pair: &KeyPair) ->
         return Ok(steps);
     };
     if args.force {
-        let suffix = format!("replaced-{}", unix_time());
+        let suffix = format!("replaced-{}", files::unix_time());
         steps.push(Step::SetAsideKey {
-            private: with_suffix(&pair.private, &suffix),
-            public: with_suffix(&pair.public, &suffix),
+            private: files::with_suffix(&pair.private, &suffix),
+            public: files::with_suffix(&pair.public, &suffix),
         });
         steps.push(Step::GenerateKey);
         return Ok(steps);
@@ -303,19 +302,6 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "localhost".to_string())
 }
 
-fn unix_time() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(format!(".{suffix}"));
-    PathBuf::from(name)
-}
-
 fn capitalise(text: &str) -> String {
     let mut chars = text.chars();
     match chars.next() {
@@ -354,7 +340,7 @@ mod tests {
     #[test]
     fn backups_get_a_suffix() {
         assert_eq!(
-            with_suffix(Path::new("/h/.ssh/id_ed25519"), "replaced-5"),
+            files::with_suffix(Path::new("/h/.ssh/id_ed25519"), "replaced-5"),
             PathBuf::from("/h/.ssh/id_ed25519.replaced-5")
         );
     }

@@ -20,7 +20,7 @@
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use hapair_core::command::Command;
@@ -84,12 +84,9 @@ fn main() -> ExitCode {
 }
 
 fn cluster_replicate_postgres(args: Args, ctx: &mut Context) -> Result<Outcome> {
-    let primary = instance::parse_ipv4(
-        "primary_address",
-        &Value::String(args.primary_address.clone()),
-    )?;
+    let primary = instance::parse_ipv4_str("primary_address", &args.primary_address)?;
     let address = match &args.address {
-        Some(a) => instance::parse_ipv4("address", &Value::String(a.clone()))?,
+        Some(a) => instance::parse_ipv4_str("address", a)?,
         None => net::source_address_for(primary)?,
     };
     let slot = postgres::slot_name_for(address);
@@ -200,7 +197,7 @@ fn cluster_replicate_postgres(args: Args, ctx: &mut Context) -> Result<Outcome> 
 
     // 4. Copy beside the live data, and verify the copy.
     let started = Instant::now();
-    let new_dir = sibling(&args.data_dir, "hapair-new");
+    let new_dir = files::with_suffix(&args.data_dir, "hapair-new");
     remove_dir(&new_dir)?; // a failed earlier attempt; never the live data
     files::ensure_dir(&new_dir, 0o700, Some(postgres_owner))?;
     if let Err(e) = copy(&args, &upstream, &slot, &new_dir, ctx.interactive) {
@@ -231,7 +228,7 @@ fn cluster_replicate_postgres(args: Args, ctx: &mut Context) -> Result<Outcome> 
 
     // 5. Swap, start as a standby, and keep the old data until it streams.
     files.apply()?;
-    let old_dir = sibling(&args.data_dir, "hapair-old");
+    let old_dir = files::with_suffix(&args.data_dir, "hapair-old");
     remove_dir(&old_dir)?;
     cluster.unit.stop()?;
     std::fs::rename(&args.data_dir, &old_dir).context("can't move the old data directory aside")?;
@@ -371,7 +368,7 @@ fn roll_back(
     standby_dropin: &Path,
 ) -> Result<PathBuf> {
     let _ = cluster.unit.stop();
-    let failed = sibling(data_dir, &format!("hapair-failed-{}", unix_time()));
+    let failed = files::with_suffix(data_dir, &format!("hapair-failed-{}", files::unix_time()));
     std::fs::rename(data_dir, &failed).context("rolling back: can't move the failed copy aside")?;
     std::fs::rename(old_dir, data_dir)
         .context("rolling back: can't put the old data directory back")?;
@@ -384,13 +381,12 @@ fn roll_back(
 }
 
 fn set_mode_secondary(instance_config: &Path) -> Result<()> {
-    let _lock = InstanceConfig::lock(instance_config)?;
-    let mut config = InstanceConfig::load(instance_config)?;
-    config.set(
-        instance::REPLICATION_MODE,
-        Value::String("secondary".into()),
-    )?;
-    config.save()
+    InstanceConfig::update(instance_config, |config| {
+        config.set(
+            instance::REPLICATION_MODE,
+            Value::String("secondary".into()),
+        )
+    })
 }
 
 /// One `.pgpass` line for the primary; `:` and `\` in the password escaped.
@@ -419,13 +415,6 @@ fn standby_settings(upstream: &Upstream, slot: &str, passfile: &Path) -> String 
     )
 }
 
-/// `/var/lib/postgresql/15/main` -> `/var/lib/postgresql/15/main.SUFFIX`.
-fn sibling(dir: &Path, suffix: &str) -> PathBuf {
-    let mut name = dir.as_os_str().to_owned();
-    name.push(format!(".{suffix}"));
-    PathBuf::from(name)
-}
-
 fn remove_dir(dir: &Path) -> Result<()> {
     match std::fs::remove_dir_all(dir) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -433,13 +422,6 @@ fn remove_dir(dir: &Path) -> Result<()> {
         }
         _ => Ok(()),
     }
-}
-
-fn unix_time() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -472,7 +454,7 @@ mod tests {
         assert!(settings.contains("passfile=/p"));
         assert!(!settings.contains("a:b"));
         assert_eq!(
-            sibling(Path::new("/d/main"), "hapair-new"),
+            files::with_suffix(Path::new("/d/main"), "hapair-new"),
             PathBuf::from("/d/main.hapair-new")
         );
     }

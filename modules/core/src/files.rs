@@ -46,6 +46,31 @@ pub fn state(path: &Path) -> Result<Option<FileState>> {
     }
 }
 
+/// The state of `path`, which must exist (a service's configuration, say).
+pub fn existing(path: &Path) -> Result<FileState> {
+    state(path)?.with_context(|| {
+        format!(
+            "{} does not exist: is the service installed?",
+            path.display()
+        )
+    })
+}
+
+/// `path` with `.suffix` appended to its name: `/a/main` -> `/a/main.old`.
+pub fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{suffix}"));
+    PathBuf::from(name)
+}
+
+/// Seconds since the epoch, for naming what is set aside.
+pub fn unix_time() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// Reads `path` as text, or `None` when it doesn't exist.
 pub fn read_optional(path: &Path) -> Result<Option<String>> {
     match fs::read_to_string(path) {

@@ -220,12 +220,17 @@ pub fn check_on_this_host(key: &Key, value: &Value) -> Result<()> {
     Ok(())
 }
 
-/// Parses an IPv4 address in dotted-quad form (e.g. 10.0.0.1), explaining
-/// what is wrong with anything else.
+/// Parses an IPv4 address given as a JSON value; see [`parse_ipv4_str`].
 pub fn parse_ipv4(what: &str, value: &Value) -> Result<Ipv4Addr> {
-    let Some(text) = value.as_str() else {
-        bail!("{what}: expected an IPv4 address such as 10.0.0.1, not {value}");
-    };
+    match value.as_str() {
+        Some(text) => parse_ipv4_str(what, text),
+        None => bail!("{what}: expected an IPv4 address such as 10.0.0.1, not {value}"),
+    }
+}
+
+/// Parses an IPv4 address in dotted-quad form (e.g. 10.0.0.1), explaining
+/// what is wrong with anything else. `what` names it in the message.
+pub fn parse_ipv4_str(what: &str, text: &str) -> Result<Ipv4Addr> {
     text.parse::<Ipv4Addr>().map_err(|_| {
         let why = if text.contains(':') {
             "that is an IPv6 address, and the pair is set up over IPv4"
@@ -360,6 +365,39 @@ impl InstanceConfig {
     pub fn save(&self) -> Result<()> {
         files::write_atomic(&self.path, self.render().as_bytes(), FILE_MODE, None)
     }
+
+    /// Reads the config at `path`, changes it and writes it, all under its
+    /// lock, so that concurrent runs can't lose each other's change.
+    pub fn update(
+        path: &Path,
+        change: impl FnOnce(&mut InstanceConfig) -> Result<()>,
+    ) -> Result<()> {
+        let _lock = InstanceConfig::lock(path)?;
+        let mut config = InstanceConfig::load(path)?;
+        change(&mut config)?;
+        config.save()
+    }
+
+    /// Adds the `addresses` missing from `cluster.hosts`, in order. Returns
+    /// whether any was missing.
+    pub fn add_hosts(&mut self, addresses: &[Ipv4Addr]) -> Result<bool> {
+        let mut hosts = match self.stored(HOSTS) {
+            Some(Value::Array(hosts)) => hosts.clone(),
+            _ => Vec::new(),
+        };
+        let before = hosts.len();
+        for address in addresses {
+            let address = Value::String(address.to_string());
+            if !hosts.contains(&address) {
+                hosts.push(address);
+            }
+        }
+        if hosts.len() == before && self.stored(HOSTS).is_some() {
+            return Ok(false);
+        }
+        self.set(HOSTS, Value::Array(hosts))?;
+        Ok(true)
+    }
 }
 
 #[cfg(test)]
@@ -396,6 +434,18 @@ mod tests {
             *json!({"app": {"version": "2024.1"}}).as_object().unwrap()
         );
         assert!(c.set("app.version.major", json!(1)).is_err());
+    }
+
+    #[test]
+    fn hosts_gain_missing_addresses_in_order() {
+        let mut c = config(json!({}));
+        let (a, b) = (Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2));
+        assert!(c.add_hosts(&[a, b]).unwrap());
+        assert_eq!(c.stored(HOSTS), Some(&json!(["10.0.0.1", "10.0.0.2"])));
+        assert!(!c.add_hosts(&[b, a]).unwrap());
+        let mut other = config(json!({"cluster": {"hosts": ["10.0.0.2"]}}));
+        assert!(other.add_hosts(&[a, b]).unwrap());
+        assert_eq!(other.stored(HOSTS), Some(&json!(["10.0.0.2", "10.0.0.1"])));
     }
 
     #[test]

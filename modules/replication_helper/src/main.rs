@@ -93,7 +93,7 @@ fn replication_helper(args: Args, ctx: &mut Context) -> Result<Outcome> {
     let peer = match (&args.peer_public_key, &args.peer_address) {
         (Some(key), Some(address)) => Peer {
             public_key: PublicKey::validate(key).context("peer_public_key")?,
-            address: instance::parse_ipv4("peer_address", &Value::String(address.clone()))?,
+            address: instance::parse_ipv4_str("peer_address", address)?,
         },
         (None, None) if ctx.can_prompt => ask_for_peer(ctx, &own_key, &args, &config)?,
         _ => bail!(
@@ -143,17 +143,20 @@ fn replication_helper(args: Args, ctx: &mut Context) -> Result<Outcome> {
             peer_host_key.material()
         ));
     }
-    let hosts_after = hosts_with(&config, &[address, peer.address]);
-    let hosts_changed = config.stored(instance::HOSTS) != Some(&hosts_after);
+    let mut with_hosts = config.clone();
+    let hosts_changed = with_hosts.add_hosts(&[address, peer.address])?;
+    let hosts_after = with_hosts
+        .stored(instance::HOSTS)
+        .cloned()
+        .unwrap_or_default();
 
     let changed = !plan.changes.is_empty() || hosts_changed;
     if changed && !ctx.check_mode {
         plan.apply()?;
         if hosts_changed {
-            let _lock = InstanceConfig::lock(&args.instance_config)?;
-            let mut config = InstanceConfig::load(&args.instance_config)?;
-            config.set(instance::HOSTS, hosts_after.clone())?;
-            config.save()?;
+            InstanceConfig::update(&args.instance_config, |config| {
+                config.add_hosts(&[address, peer.address]).map(|_| ())
+            })?;
         }
     }
 
@@ -206,7 +209,7 @@ fn ask_for_peer(
     let address = ask_until_valid(
         ctx,
         "Enter the IP address of the remote server (IPv4, e.g. 10.0.0.1): ",
-        |answer| instance::parse_ipv4("the remote address", &Value::String(answer.to_string())),
+        |answer| instance::parse_ipv4_str("the remote address", answer),
     )?;
     Ok(Peer {
         public_key,
@@ -235,7 +238,7 @@ fn ask_until_valid<T>(
 fn own_address(args: &Args, peer: Option<Ipv4Addr>, config: &InstanceConfig) -> Result<Ipv4Addr> {
     let own = net::host_ipv4_addresses()?;
     let chosen = if let Some(address) = &args.address {
-        instance::parse_ipv4("address", &Value::String(address.clone()))?
+        instance::parse_ipv4_str("address", address)?
     } else if let (Some(true), Some(Value::String(ip))) = (
         config
             .value(&Key::parse(instance::ENABLE_OVERRIDE_IP)?)
@@ -285,21 +288,6 @@ fn peer_host_key(
     Ok((scanned, "scanned"))
 }
 
-/// `cluster.hosts` with `addresses` added where missing, in order.
-fn hosts_with(config: &InstanceConfig, addresses: &[Ipv4Addr]) -> Value {
-    let mut hosts: Vec<Value> = match config.stored(instance::HOSTS) {
-        Some(Value::Array(hosts)) => hosts.clone(),
-        _ => Vec::new(),
-    };
-    for address in addresses {
-        let address = Value::String(address.to_string());
-        if !hosts.contains(&address) {
-            hosts.push(address);
-        }
-    }
-    Value::Array(hosts)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,20 +296,5 @@ mod tests {
     #[test]
     fn documentation_matches_the_options() {
         hapair_core::doc_check::assert_doc_matches::<Args>(SPEC.doc, json!({}));
-    }
-
-    #[test]
-    fn hosts_gain_missing_addresses_in_order() {
-        let mut config = InstanceConfig::load(Path::new("/nonexistent/instance.json")).unwrap();
-        let (a, b) = (Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2));
-        assert_eq!(
-            hosts_with(&config, &[a, b]),
-            json!(["10.0.0.1", "10.0.0.2"])
-        );
-        config.set(instance::HOSTS, json!(["10.0.0.2"])).unwrap();
-        assert_eq!(
-            hosts_with(&config, &[a, b]),
-            json!(["10.0.0.2", "10.0.0.1"])
-        );
     }
 }
