@@ -159,6 +159,10 @@ fn conf_protection_default(fleet: &Fleet) -> Result<()> {
     ensure_eq!(run.json["is_default"], true);
     ensure_eq!(run.json["safety_relevant"], true);
     ensure_eq!(run.changed(), false);
+    // A read creates nothing: no config, no directory, no lock file.
+    if host.succeeds("test -e /nonexistent")? {
+        bail!("reading a key created /nonexistent");
+    }
     Ok(())
 }
 

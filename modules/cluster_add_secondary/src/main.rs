@@ -177,11 +177,5 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    #[test]
-    fn documentation_matches_the_options() {
-        hapair_core::doc_check::assert_doc_matches::<Args>(
-            SPEC.doc,
-            json!({"secondary_address": "10.0.0.2"}),
-        );
-    }
+    hapair_core::doc_test!(Args, json!({"secondary_address": "10.0.0.2"}));
 }

@@ -324,13 +324,10 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    #[test]
-    fn documentation_matches_the_options() {
-        hapair_core::doc_check::assert_doc_matches::<Args>(
-            SPEC.doc,
-            json!({"address": "10.0.0.1", "replication_password": "x", "redis_password": "y"}),
-        );
-    }
+    hapair_core::doc_test!(
+        Args,
+        json!({"address": "10.0.0.1", "replication_password": "x", "redis_password": "y"})
+    );
 
     #[test]
     fn properties_are_set_once_in_place() {

@@ -315,10 +315,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    #[test]
-    fn documentation_matches_the_options() {
-        hapair_core::doc_check::assert_doc_matches::<Args>(SPEC.doc, json!({}));
-    }
+    hapair_core::doc_test!(Args, json!({}));
 
     #[test]
     fn a_missing_account_plans_everything() {

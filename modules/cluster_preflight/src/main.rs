@@ -366,10 +366,7 @@ mod tests {
         }
     }
 
-    #[test]
-    fn documentation_matches_the_options() {
-        hapair_core::doc_check::assert_doc_matches::<Args>(SPEC.doc, json!({}));
-    }
+    hapair_core::doc_test!(Args, json!({}));
 
     #[test]
     fn identical_hosts_match_and_differences_are_listed_with_both_values() {

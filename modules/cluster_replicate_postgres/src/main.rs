@@ -136,18 +136,28 @@ fn cluster_replicate_postgres(args: Args, ctx: &mut Context) -> Result<Outcome> 
     )?;
 
     // 1. Already streaming from this primary?
-    let primary_identity = upstream.identify();
-    if cluster.unit.is_active()? {
-        if let (Some((status, sender, receiver_slot)), Ok(identity)) =
-            (cluster.wal_receiver()?, &primary_identity)
-        {
-            let same_system = cluster.system_identifier()? == identity.system_identifier;
+    let primary_id = upstream.system_identifier();
+    let local_id = if cluster.unit.is_active()? {
+        cluster.system_identifier().ok()
+    } else {
+        None
+    };
+    if let (Some(local_id), Ok(primary_id)) = (&local_id, &primary_id) {
+        if let Some((status, sender, receiver_slot)) = cluster.wal_receiver()? {
             if status == "streaming"
                 && sender == primary.to_string()
                 && receiver_slot == slot
-                && same_system
+                && local_id == primary_id
             {
-                return already_streaming(&args, ctx, files, primary, &slot);
+                return already_streaming(
+                    &args,
+                    ctx,
+                    &cluster,
+                    files,
+                    &standby_dropin,
+                    primary,
+                    &slot,
+                );
             }
         }
     }
@@ -168,7 +178,7 @@ fn cluster_replicate_postgres(args: Args, ctx: &mut Context) -> Result<Outcome> 
             args.postgresql_port
         );
     }
-    let identity = primary_identity.context(
+    let primary_id = primary_id.context(
         "the primary refused the replication login: run cluster_enter_primary_mode and \
          cluster_add_secondary on the primary (seed steps 4 and 7), with the same password",
     )?;
@@ -180,16 +190,11 @@ fn cluster_replicate_postgres(args: Args, ctx: &mut Context) -> Result<Outcome> 
         bail!("the primary has no replication slot {slot} for this host: run cluster_add_secondary on it (seed step 7)");
     }
 
-    let local_id = if cluster.unit.is_active()? {
-        cluster.system_identifier().ok()
-    } else {
-        None
-    };
     if ctx.check_mode {
         return Ok(Outcome::changed(format!(
             "would copy the primary {primary} (system {}) into a new data directory, then replace \
              this host's data (system {}) with it",
-            identity.system_identifier,
+            primary_id,
             local_id.as_deref().unwrap_or("not running")
         ))
         .with("slot_name", &slot));
@@ -209,12 +214,12 @@ fn cluster_replicate_postgres(args: Args, ctx: &mut Context) -> Result<Outcome> 
         )));
     }
     let copied_id = control_system_identifier(&args.postgresql_bin_dir, &new_dir)?;
-    if copied_id != identity.system_identifier {
+    if copied_id != primary_id {
         remove_dir(&new_dir)?;
         bail!(
             "the copy has system identifier {copied_id}, not the primary's {}; it was removed and \
              {} was not touched",
-            identity.system_identifier,
+            primary_id,
             args.data_dir.display()
         );
     }
@@ -260,7 +265,7 @@ fn cluster_replicate_postgres(args: Args, ctx: &mut Context) -> Result<Outcome> 
         "this host now streams from {primary} through slot {slot} (copied in {copy_seconds:.1} s)"
     ))
     .with("slot_name", &slot)
-    .with("system_identifier", &identity.system_identifier)
+    .with("system_identifier", &primary_id)
     .with("copy_seconds", copy_seconds)
     .with(
         "old_data_dir",
@@ -268,12 +273,14 @@ fn cluster_replicate_postgres(args: Args, ctx: &mut Context) -> Result<Outcome> 
     ))
 }
 
-/// Streaming already: only the passfile or settings may need a refresh
-/// (a new password, say), which a reload applies.
+/// Streaming already: only the passfile (read at each connection) or the
+/// standby settings (applied by a reload) may need a refresh.
 fn already_streaming(
     args: &Args,
     ctx: &mut Context,
+    cluster: &Cluster,
     files: FilePlan,
+    standby_dropin: &Path,
     primary: Ipv4Addr,
     slot: &str,
 ) -> Result<Outcome> {
@@ -283,6 +290,9 @@ fn already_streaming(
     let changed = !files.changes.is_empty() || !mode_ok;
     if changed && !ctx.check_mode {
         files.apply()?;
+        if files.changes(standby_dropin) {
+            cluster.reload()?;
+        }
         if !mode_ok {
             set_mode_secondary(&args.instance_config)?;
         }
@@ -429,13 +439,10 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    #[test]
-    fn documentation_matches_the_options() {
-        hapair_core::doc_check::assert_doc_matches::<Args>(
-            SPEC.doc,
-            json!({"primary_address": "10.0.0.1", "replication_password": "x"}),
-        );
-    }
+    hapair_core::doc_test!(
+        Args,
+        json!({"primary_address": "10.0.0.1", "replication_password": "x"})
+    );
 
     #[test]
     fn the_passfile_escapes_and_the_settings_name_the_slot() {

@@ -7,7 +7,7 @@
 //! command line, so the command line can always be shown.
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context as _, Result};
 
@@ -21,7 +21,6 @@ pub struct Command {
     env: Vec<(String, String)>,
     secret_env: Vec<(String, Secret)>,
     stdin: Option<Vec<u8>>,
-    dir: Option<PathBuf>,
     /// Let stderr through to ours (a person watching progress) instead of
     /// capturing it.
     show_stderr: bool,
@@ -50,7 +49,6 @@ impl Command {
             env: Vec::new(),
             secret_env: Vec::new(),
             stdin: None,
-            dir: None,
             show_stderr: false,
         }
     }
@@ -85,11 +83,6 @@ impl Command {
     /// errors are then on the terminal, not in the result.
     pub fn show_stderr(mut self, show: bool) -> Command {
         self.show_stderr = show;
-        self
-    }
-
-    pub fn current_dir(mut self, dir: impl AsRef<Path>) -> Command {
-        self.dir = Some(dir.as_ref().to_path_buf());
         self
     }
 
@@ -128,9 +121,6 @@ impl Command {
         }
         for (name, value) in &self.secret_env {
             expression = expression.env(name, value.expose());
-        }
-        if let Some(dir) = &self.dir {
-            expression = expression.dir(dir);
         }
         let output = expression
             .run()

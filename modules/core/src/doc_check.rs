@@ -67,3 +67,16 @@ pub fn assert_doc_matches<A: DeserializeOwned + Serialize>(doc: &str, minimal: V
         }
     }
 }
+
+/// The test every module has: its sidecar docs match its options. Use it in
+/// the module's `#[cfg(test)]` module, where `SPEC` and `Args` are in scope:
+/// `hapair_core::doc_test!(Args, json!({"required_option": ...}));`
+#[macro_export]
+macro_rules! doc_test {
+    ($args:ty, $minimal:expr) => {
+        #[test]
+        fn documentation_matches_the_options() {
+            $crate::doc_check::assert_doc_matches::<$args>(SPEC.doc, $minimal);
+        }
+    };
+}

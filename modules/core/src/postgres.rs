@@ -88,17 +88,22 @@ impl Cluster {
     /// Re-reads the configuration; returns the settings that only a restart
     /// applies.
     pub fn reload(&self) -> Result<Vec<String>> {
+        // The postmaster re-reads on SIGHUP, after pg_reload_conf returns:
+        // asked too early, pending_restart would miss a setting that needs a
+        // restart. Wait until the load time moves instead of guessing.
+        let loaded = |cluster: &Cluster| cluster.query("SELECT pg_conf_load_time()");
+        let before = loaded(self)?;
         self.query("SELECT pg_reload_conf()")?;
-        // The postmaster re-reads asynchronously: give it a moment, then ask.
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while loaded(self)? == before {
+            if std::time::Instant::now() > deadline {
+                bail!("PostgreSQL did not re-read its configuration within 30 s of a reload");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         let pending =
             self.query("SELECT name FROM pg_settings WHERE pending_restart ORDER BY name")?;
         Ok(pending.lines().map(String::from).collect())
-    }
-
-    /// When the server started: changes on every restart.
-    pub fn start_time(&self) -> Result<String> {
-        self.query("SELECT pg_postmaster_start_time()")
     }
 
     /// The stored password verifier of `role`: `None` when there is no such
@@ -150,13 +155,6 @@ pub struct Upstream {
     pub password: Secret,
 }
 
-/// What a primary says of itself on a replication connection.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
-    pub system_identifier: String,
-    pub timeline: String,
-}
-
 impl Upstream {
     /// Runs a replication-protocol command (IDENTIFY_SYSTEM, SHOW ...,
     /// READ_REPLICATION_SLOT) on the primary. The password travels in the
@@ -182,14 +180,11 @@ impl Upstream {
         Ok(out.stdout.trim().to_string())
     }
 
-    pub fn identify(&self) -> Result<Identity> {
+    /// The primary's system identifier (IDENTIFY_SYSTEM).
+    pub fn system_identifier(&self) -> Result<String> {
         let row = self.command("IDENTIFY_SYSTEM")?;
-        let mut fields = row.split('|');
-        match (fields.next(), fields.next()) {
-            (Some(id), Some(timeline)) if !id.is_empty() => Ok(Identity {
-                system_identifier: id.to_string(),
-                timeline: timeline.to_string(),
-            }),
+        match row.split('|').next() {
+            Some(id) if !id.is_empty() && row.contains('|') => Ok(id.to_string()),
             _ => bail!("unexpected IDENTIFY_SYSTEM answer: {row:?}"),
         }
     }

@@ -34,14 +34,6 @@ impl Unit {
         Command::new("systemctl").args(["restart", &self.0]).run()?;
         Ok(())
     }
-
-    /// The unit's main process, which changes when the unit restarts.
-    pub fn main_pid(&self) -> Result<u32> {
-        let out = Command::new("systemctl")
-            .args(["show", "--property=MainPID", "--value", &self.0])
-            .run()?;
-        Ok(out.stdout.trim().parse().unwrap_or(0))
-    }
 }
 
 impl std::fmt::Display for Unit {

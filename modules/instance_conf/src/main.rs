@@ -201,10 +201,7 @@ mod tests {
         text.split_whitespace().map(String::from).collect()
     }
 
-    #[test]
-    fn documentation_matches_the_options() {
-        hapair_core::doc_check::assert_doc_matches::<Args>(SPEC.doc, json!({"key": "a.b"}));
-    }
+    hapair_core::doc_test!(Args, json!({"key": "a.b"}));
 
     #[test]
     fn shorthand_reads_like_the_seed() {

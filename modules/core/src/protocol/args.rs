@@ -118,7 +118,7 @@ pub fn ansible_bool_value(value: &Value) -> Option<bool> {
     }
 }
 
-pub fn ansible_bool_str(text: &str) -> Option<bool> {
+fn ansible_bool_str(text: &str) -> Option<bool> {
     match text.trim().to_ascii_lowercase().as_str() {
         "yes" | "on" | "1" | "true" | "y" | "t" => Some(true),
         "no" | "off" | "0" | "false" | "n" | "f" => Some(false),
