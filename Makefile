@@ -50,10 +50,13 @@ fleet-up: ## Start a fleet of test hosts (FLEET=demo HOSTS=2 NET=0)
 fleet-down: ## Remove a fleet of test hosts (FLEET=demo)
 	tests/fleet/fleet down $(FLEET)
 
-demo: venv stage fleet-up ## Start a pair and set it up with the playbook
-	$(ANSIBLE_PLAYBOOK) -i inventory/fleet-$(FLEET).ini playbooks/ha_setup.yml --diff
+# The demo's hosts are throwaway test hosts made a moment ago, with no data
+# to lose: the one place where the unsafe steps are confirmed for the user.
+demo: venv stage image fleet-up ## Start a pair of test hosts and set it up with the playbook
+	$(ANSIBLE_PLAYBOOK) -i inventory/fleet-$(FLEET).ini playbooks/ha_setup.yml --diff \
+	  -e hapair_confirm_unsafe_steps=true
 	@echo
-	@echo "Run it again (nothing changes):  $(ANSIBLE_PLAYBOOK) -i inventory/fleet-$(FLEET).ini playbooks/ha_setup.yml"
+	@echo "Run it again (nothing changes):  $(ANSIBLE_PLAYBOOK) -i inventory/fleet-$(FLEET).ini playbooks/ha_setup.yml -e hapair_confirm_unsafe_steps=true"
 	@echo "Log in:                          ssh -F target/fleet/$(FLEET)/ssh_config 198.18.$(NET).11"
 	@echo "Remove the pair:                 make fleet-down"
 

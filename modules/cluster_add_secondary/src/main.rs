@@ -119,12 +119,11 @@ fn cluster_add_secondary(args: Args, ctx: &mut Context) -> Result<Outcome> {
     let has_slot = cluster.has_slot(&slot)?;
     let mut files = FilePlan::default();
     let hba = cluster.hba_file();
-    let hba_state = hapair_core::files::state(&hba)?
-        .with_context(|| format!("{} is missing", hba.display()))?;
+    let hba_state = hapair_core::files::existing(&hba)?;
     files.file(
         &hba,
         |text| postgres::hba_with_replication_rule(text, &args.replication_user, secondary),
-        hba_state.mode,
+        hba_state.config_mode(),
         Some(hba_state.owner),
     )?;
     let record = config.clone().add_hosts(&[secondary])?;

@@ -133,7 +133,8 @@ fn cluster_enter_primary_mode(args: Args, ctx: &mut Context) -> Result<Outcome> 
         Some(pg_owner),
     )?;
     let redis_dropin = redis_dropin_path(&args.redis_config);
-    let redis_owner = files::existing(&args.redis_config)?.owner;
+    let redis_config = files::existing(&args.redis_config)?;
+    let redis_owner = redis_config.owner;
     files.secret_file(
         &redis_dropin,
         |_| redis_dropin_text(&args, address),
@@ -144,15 +145,16 @@ fn cluster_enter_primary_mode(args: Args, ctx: &mut Context) -> Result<Outcome> 
     files.file(
         &args.redis_config,
         |text| with_line(text, &include),
-        files::existing(&args.redis_config)?.mode,
+        redis_config.config_mode(),
         Some(redis_owner),
     )?;
     let advertised = format!("PLAINTEXT://{address}:{}", args.kafka_port);
+    let kafka_config = files::existing(&args.kafka_config)?;
     files.file(
         &args.kafka_config,
         |text| with_property(text, "advertised.listeners", &advertised),
-        files::existing(&args.kafka_config)?.mode,
-        Some(files::existing(&args.kafka_config)?.owner),
+        kafka_config.config_mode(),
+        Some(kafka_config.owner),
     )?;
     let role = cluster.role_password(&args.replication_user)?;
     let role_ok = matches!(&role, Some(Some(stored)) if postgres::verifier_matches(stored, &args.replication_password));

@@ -23,6 +23,7 @@ const SPEC: Spec = Spec {
     shorthand: None,
 };
 
+const HOME_MODE: u32 = 0o750;
 const SSH_DIR_MODE: u32 = 0o700;
 const PRIVATE_KEY_MODE: u32 = 0o600;
 const PUBLIC_KEY_MODE: u32 = 0o644;
@@ -49,6 +50,10 @@ enum Step {
     CreateAccount {
         home: PathBuf,
     },
+    /// The account exists without its home: a creation that was killed.
+    MakeHome {
+        home: PathBuf,
+    },
     MakeSshDir,
     FixSshDir,
     /// Move the current pair aside to these paths, then generate.
@@ -66,6 +71,9 @@ impl Step {
         match self {
             Step::CreateAccount { home } => {
                 format!("create account {account} with home {}", home.display())
+            }
+            Step::MakeHome { home } => {
+                format!("create the missing home {} of {account}", home.display())
             }
             Step::MakeSshDir => "create ~/.ssh (0700)".to_string(),
             Step::FixSshDir => format!("give ~/.ssh mode 0700 and owner {account}"),
@@ -98,13 +106,13 @@ fn cluster_generate_keys(args: Args, ctx: &mut Context) -> Result<Outcome> {
         (None, Some(home)) => home.clone(),
         (None, None) => Path::new(account::DEFAULT_HOME_BASE).join(&args.account),
     };
-    let pair = KeyPair::in_ssh_dir(&home.join(".ssh"));
+    let pair = KeyPair::in_ssh_dir(&home.join(".ssh"), Some(&args.account));
     let before_public = match &existing {
         Some(_) => pair.read_public()?,
         None => None,
     };
 
-    let steps = plan(&args, existing.as_ref(), &home, &pair)?;
+    let steps = plan(&args, existing.as_ref(), &home, &pair, ctx)?;
     let descriptions: Vec<String> = steps
         .iter()
         .map(|s| s.describe(&args.account, &pair))
@@ -155,7 +163,13 @@ fn cluster_generate_keys(args: Args, ctx: &mut Context) -> Result<Outcome> {
 }
 
 /// Compares the host with what it should be, and lists the steps between.
-fn plan(args: &Args, existing: Option<&Account>, home: &Path, pair: &KeyPair) -> Result<Vec<Step>> {
+fn plan(
+    args: &Args,
+    existing: Option<&Account>,
+    home: &Path,
+    pair: &KeyPair,
+    ctx: &mut Context,
+) -> Result<Vec<Step>> {
     let Some(account) = existing else {
         return Ok(vec![
             Step::CreateAccount {
@@ -168,9 +182,18 @@ fn plan(args: &Args, existing: Option<&Account>, home: &Path, pair: &KeyPair) ->
     let owner = Some(account.owner());
     let mut steps = Vec::new();
     let ssh_dir = pair.private.parent().expect("the key is in ~/.ssh");
+    if files::state(home)?.is_none() {
+        return Ok(vec![
+            Step::MakeHome {
+                home: home.to_path_buf(),
+            },
+            Step::MakeSshDir,
+            Step::GenerateKey,
+        ]);
+    }
     match files::state(ssh_dir)? {
         None => steps.push(Step::MakeSshDir),
-        Some(state) if !state.is_dir => {
+        Some(state) if !state.is_dir() => {
             bail!(
                 "{} exists but is not a directory; move it away",
                 ssh_dir.display()
@@ -185,8 +208,19 @@ fn plan(args: &Args, existing: Option<&Account>, home: &Path, pair: &KeyPair) ->
         steps.push(Step::GenerateKey);
         return Ok(steps);
     };
-    if args.force {
-        let suffix = format!("replaced-{}", files::unix_time());
+    // A key cut short by a killed run was never used: make it anew, keeping
+    // the broken one beside it.
+    let broken = pair.private_is_truncated()?;
+    if broken {
+        ctx.warn(format!(
+            "{} was cut short (a run was killed while writing it); a new pair is made and the \
+             broken one kept beside it",
+            pair.private.display()
+        ));
+    }
+    if args.force || broken {
+        let why = if broken { "broken" } else { "replaced" };
+        let suffix = format!("{why}-{}", files::unix_time());
         steps.push(Step::SetAsideKey {
             private: files::with_suffix(&pair.private, &suffix),
             public: files::with_suffix(&pair.public, &suffix),
@@ -242,15 +276,18 @@ fn apply(step: &Step, args: &Args, account: &mut Option<Account>, pair: &KeyPair
     let ssh_dir = pair.private.parent().expect("the key is in ~/.ssh");
     match step {
         Step::CreateAccount { home } => *account = Some(Account::create(&args.account, home)?),
+        Step::MakeHome { home } => {
+            files::ensure_dir(home, HOME_MODE, Some(owner(account)?))?;
+        }
         Step::MakeSshDir | Step::FixSshDir => {
             files::ensure_dir(ssh_dir, SSH_DIR_MODE, Some(owner(account)?))?;
         }
         Step::SetAsideKey { private, public } => {
-            std::fs::rename(&pair.private, private)
-                .with_context(|| format!("can't move {} aside", pair.private.display()))?;
-            if pair.public.exists() {
-                std::fs::rename(&pair.public, public)
-                    .with_context(|| format!("can't move {} aside", pair.public.display()))?;
+            let (dir, name) = files::Dir::of(&pair.private)?;
+            dir.rename(&name, file_name(private)?)?;
+            let public_name = file_name(&pair.public)?;
+            if dir.state(public_name)?.is_some() {
+                dir.rename(public_name, file_name(public)?)?;
             }
         }
         Step::GenerateKey => {
@@ -277,6 +314,11 @@ fn apply(step: &Step, args: &Args, account: &mut Option<Account>, pair: &KeyPair
         }
     }
     Ok(())
+}
+
+fn file_name(path: &Path) -> Result<&std::ffi::OsStr> {
+    path.file_name()
+        .with_context(|| format!("{} names no file", path.display()))
 }
 
 fn result(
@@ -320,8 +362,15 @@ mod tests {
     #[test]
     fn a_missing_account_plans_everything() {
         let args: Args = serde_json::from_value(json!({})).unwrap();
-        let pair = KeyPair::in_ssh_dir(Path::new("/var/lib/hapair/.ssh"));
-        let steps = plan(&args, None, Path::new("/var/lib/hapair"), &pair).unwrap();
+        let pair = KeyPair::in_ssh_dir(Path::new("/var/lib/hapair/.ssh"), None);
+        let steps = plan(
+            &args,
+            None,
+            Path::new("/var/lib/hapair"),
+            &pair,
+            &mut Context::default(),
+        )
+        .unwrap();
         assert_eq!(
             steps,
             vec![
@@ -332,6 +381,76 @@ mod tests {
                 Step::GenerateKey
             ]
         );
+    }
+
+    fn scratch_account(name: &str) -> (Account, KeyPair) {
+        let home = std::env::temp_dir().join(format!("hapair-keys-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&home);
+        let account = Account {
+            name: "root".into(),
+            uid: 0,
+            gid: 0,
+            home: home.clone(),
+        };
+        let pair = KeyPair::in_ssh_dir(&home.join(".ssh"), None);
+        (account, pair)
+    }
+
+    #[test]
+    fn an_account_left_without_its_home_gets_one() {
+        let args: Args = serde_json::from_value(json!({})).unwrap();
+        let (account, pair) = scratch_account("nohome");
+        let steps = plan(
+            &args,
+            Some(&account),
+            &account.home,
+            &pair,
+            &mut Context::default(),
+        );
+        assert_eq!(
+            steps.unwrap(),
+            vec![
+                Step::MakeHome {
+                    home: account.home.clone()
+                },
+                Step::MakeSshDir,
+                Step::GenerateKey
+            ]
+        );
+    }
+
+    #[test]
+    fn a_key_cut_short_is_made_anew_and_the_broken_one_kept() {
+        let args: Args = serde_json::from_value(json!({})).unwrap();
+        let (account, pair) = scratch_account("truncated");
+        std::fs::create_dir_all(account.home.join(".ssh")).unwrap();
+        files::ensure_dir(
+            &account.home.join(".ssh"),
+            SSH_DIR_MODE,
+            Some(account.owner()),
+        )
+        .unwrap();
+        std::fs::write(
+            &pair.private,
+            "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1r",
+        )
+        .unwrap();
+        let mut ctx = Context::default();
+        let steps = plan(&args, Some(&account), &account.home, &pair, &mut ctx).unwrap();
+        assert!(
+            matches!(&steps[..], [Step::SetAsideKey { private, .. }, Step::GenerateKey]
+                if private.to_string_lossy().contains(".broken-")),
+            "{steps:?}"
+        );
+        // A whole key that can't be read is still not ours to replace.
+        std::fs::write(
+            &pair.private,
+            "-----BEGIN OPENSSH PRIVATE KEY-----\ngarbage\n-----END OPENSSH PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let err = plan(&args, Some(&account), &account.home, &pair, &mut ctx).unwrap_err();
+        assert!(format!("{err:#}").contains("force"), "{err:#}");
+        std::fs::remove_dir_all(&account.home).unwrap();
     }
 
     #[test]

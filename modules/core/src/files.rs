@@ -1,17 +1,34 @@
 //! Files: atomic writes with the owner and mode asked for, and the state
-//! idempotency compares against.
+//! idempotency compares against, done so that root can't be turned against
+//! itself.
 //!
-//! A write goes to a temporary file in the same directory, which gets its
-//! owner and mode, is fsynced, and is renamed over the target; then the
-//! directory is fsynced. A reader sees the old file or the new one, never
-//! half of one, and a crash leaves one or the other.
+//! The modules run as root, often in directories that another account can
+//! write: `~hapair/.ssh` (the cluster account), `/etc/postgresql/15/main`
+//! (postgres), `/etc/redis` (redis), a data directory. Whatever that account
+//! left there is hostile. So every read, write, chmod and chown goes through
+//! a [`Dir`]:
+//! - the directory is reached by a walk from `/` that follows a symlink only
+//!   in a directory no one but root can write (a link root itself made);
+//! - each file is opened relative to that directory with `O_NOFOLLOW`, and
+//!   must be what it should be (a regular file, a directory), else it is
+//!   refused with a message naming it;
+//! - modes and owners are set on the open file descriptor, never by path.
+//!
+//! A write goes to a new temporary file in the same directory (`O_EXCL`),
+//! which gets its owner and mode, is fsynced, and is renamed over the
+//! target; then the directory is fsynced. A reader sees the old file or the
+//! new one, never half of one, and a crash leaves one or the other.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
 
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Context as _, Result};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+use rustix::io::Errno;
 
 use crate::protocol::Diff;
 
@@ -22,38 +39,467 @@ pub struct Owner {
     pub gid: u32,
 }
 
-/// What is on disk at a path, for comparing with what should be.
+/// What kind of thing is at a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    /// A device, fifo or socket: never something hapair writes.
+    Other,
+}
+
+/// What is on disk at a path (the path itself: a symlink is not followed),
+/// for comparing with what should be.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileState {
     pub mode: u32,
     pub owner: Owner,
-    pub is_dir: bool,
+    pub kind: Kind,
 }
 
-/// The state of `path`, or `None` when nothing is there.
-pub fn state(path: &Path) -> Result<Option<FileState>> {
-    match fs::symlink_metadata(path) {
-        Ok(meta) => Ok(Some(FileState {
-            mode: meta.mode() & 0o7777,
+impl FileState {
+    pub fn is_dir(&self) -> bool {
+        self.kind == Kind::Dir
+    }
+
+    /// The mode to give a rewritten configuration file: the one found, less
+    /// what no configuration file should have (execute, setuid, setgid,
+    /// sticky, world-writable). What another account left there is not
+    /// copied unbounded.
+    pub fn config_mode(&self) -> u32 {
+        self.mode & 0o664
+    }
+
+    fn of(stat: &rustix::fs::Stat) -> FileState {
+        let kind = match FileType::from_raw_mode(stat.st_mode) {
+            FileType::RegularFile => Kind::File,
+            FileType::Directory => Kind::Dir,
+            FileType::Symlink => Kind::Symlink,
+            _ => Kind::Other,
+        };
+        FileState {
+            mode: stat.st_mode & 0o7777,
             owner: Owner {
-                uid: meta.uid(),
-                gid: meta.gid(),
+                uid: stat.st_uid,
+                gid: stat.st_gid,
             },
-            is_dir: meta.is_dir(),
-        })),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("can't read {}", path.display())),
+            kind,
+        }
     }
 }
 
-/// The state of `path`, which must exist (a service's configuration, say).
+/// The most a file read by a module may hold: configuration files and keys
+/// are small, and a huge one planted by another account must not exhaust
+/// memory.
+const MAX_READ: u64 = 64 * 1024 * 1024;
+
+/// Symlinks followed in one walk, as the kernel's own limit.
+const MAX_LINKS: usize = 40;
+
+/// A directory, opened so that what it holds can be read and written
+/// without following symlinks. Made by [`Dir::open`].
+#[derive(Debug)]
+pub struct Dir {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+impl Dir {
+    /// Opens the directory at `path` (absolute, or relative to the current
+    /// directory). A symlink on the way is followed only when the directory
+    /// holding it is owned by root and writable by no one else: a link
+    /// another account planted is refused, with a message naming it.
+    pub fn open(path: &Path) -> Result<Dir> {
+        let absolute = if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            std::env::current_dir()
+                .context("can't tell the current directory")?
+                .join(path)
+        };
+        let mut pending: Vec<OsString> = Vec::new();
+        for component in absolute.components().rev() {
+            match component {
+                Component::Normal(name) => pending.push(name.to_owned()),
+                Component::RootDir | Component::CurDir => {}
+                Component::ParentDir => bail!(
+                    "{} has a '..' in it: give the path without it",
+                    path.display()
+                ),
+                Component::Prefix(_) => bail!("{} is not a Unix path", path.display()),
+            }
+        }
+        let root = || open_dir_fd(rustix::fs::CWD, "/");
+        let mut fd = root().context("can't open /")?;
+        let mut at = PathBuf::from("/");
+        let mut links = 0;
+        while let Some(name) = pending.pop() {
+            let stat = rustix::fs::statat(&fd, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(|e| io_error(e, &at.join(&name)))?;
+            match FileType::from_raw_mode(stat.st_mode) {
+                FileType::Directory => {
+                    fd = open_dir_fd(&fd, name.as_os_str())
+                        .map_err(|e| io_error(e, &at.join(&name)))?;
+                    at.push(&name);
+                }
+                FileType::Symlink => {
+                    let holder = FileState::of(&rustix::fs::fstat(&fd)?);
+                    if holder.owner.uid != 0 || holder.mode & 0o022 != 0 {
+                        bail!(
+                            "{} is a symlink in {}, a directory that another account can \
+                             write: hapair does not follow it. Replace the link with the \
+                             directory itself, or give the real path",
+                            at.join(&name).display(),
+                            at.display()
+                        );
+                    }
+                    links += 1;
+                    if links > MAX_LINKS {
+                        bail!("too many symlinks on the way to {}", path.display());
+                    }
+                    let target = rustix::fs::readlinkat(&fd, name.as_os_str(), Vec::new())
+                        .map_err(|e| io_error(e, &at.join(&name)))?;
+                    let target = PathBuf::from(OsStr::from_bytes(target.as_bytes()));
+                    if target.is_absolute() {
+                        fd = root()?;
+                        at = PathBuf::from("/");
+                    }
+                    for component in target.components().rev() {
+                        match component {
+                            Component::Normal(part) => pending.push(part.to_owned()),
+                            Component::ParentDir => pending.push("..".into()),
+                            _ => {}
+                        }
+                    }
+                }
+                _ if name == ".." => {
+                    // Only from a link root made: its parent, lexically.
+                    at.pop();
+                    fd = open_dir_fd(rustix::fs::CWD, &at).map_err(|e| io_error(e, &at))?;
+                }
+                _ => bail!("{} is not a directory", at.join(&name).display()),
+            }
+        }
+        Ok(Dir { fd, path: at })
+    }
+
+    /// The parent directory of `path`, opened, and the name in it.
+    pub fn of(path: &Path) -> Result<(Dir, OsString)> {
+        let name = path
+            .file_name()
+            .with_context(|| format!("{} does not name a file", path.display()))?;
+        if path.to_string_lossy().ends_with('/') {
+            bail!(
+                "{} ends with a slash: give the path without it",
+                path.display()
+            );
+        }
+        Ok((Dir::open(&parent_of(path))?, name.to_owned()))
+    }
+
+    /// Where this directory is, for messages.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn show(&self, name: &OsStr) -> String {
+        self.path.join(name).display().to_string()
+    }
+
+    /// The state of `name` (a symlink is reported as one), or `None`.
+    pub fn state(&self, name: &OsStr) -> Result<Option<FileState>> {
+        match rustix::fs::statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(stat) => Ok(Some(FileState::of(&stat))),
+            Err(Errno::NOENT) => Ok(None),
+            Err(e) => Err(io_error(e, &self.path.join(name))),
+        }
+    }
+
+    /// Opens `name` for reading without following a symlink; it must be a
+    /// regular file.
+    fn open_file(&self, name: &OsStr) -> Result<Option<File>> {
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+        let fd = match rustix::fs::openat(&self.fd, name, flags, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) => return Ok(None),
+            Err(Errno::LOOP) => bail!("{}", self.not_regular(name, Kind::Symlink)),
+            Err(e) => return Err(io_error(e, &self.path.join(name))),
+        };
+        let state = FileState::of(&rustix::fs::fstat(&fd)?);
+        if state.kind != Kind::File {
+            bail!("{}", self.not_regular(name, state.kind));
+        }
+        Ok(Some(File::from(fd)))
+    }
+
+    fn not_regular(&self, name: &OsStr, kind: Kind) -> String {
+        let what = match kind {
+            Kind::Symlink => "a symlink",
+            Kind::Dir => "a directory",
+            _ => "not a regular file",
+        };
+        format!(
+            "{} is {what}: hapair reads and writes only regular files there, and never \
+             follows a link. Replace it with the file itself",
+            self.show(name)
+        )
+    }
+
+    /// Reads `name` as text, or `None` when it doesn't exist.
+    pub fn read(&self, name: &OsStr) -> Result<Option<String>> {
+        let Some(file) = self.open_file(name)? else {
+            return Ok(None);
+        };
+        let mut bytes = Vec::new();
+        file.take(MAX_READ + 1)
+            .read_to_end(&mut bytes)
+            .with_context(|| format!("can't read {}", self.show(name)))?;
+        if bytes.len() as u64 > MAX_READ {
+            bail!(
+                "{} is larger than {} MiB: not a file hapair wrote or reads",
+                self.show(name),
+                MAX_READ >> 20
+            );
+        }
+        String::from_utf8(bytes)
+            .map(Some)
+            .with_context(|| format!("{} is not UTF-8 text", self.show(name)))
+    }
+
+    /// Writes `contents` to `name` atomically, with `mode`, owned by `owner`
+    /// (or by whoever runs the module). Whatever was at `name` (a symlink
+    /// included) is replaced, never written through; a directory is refused.
+    pub fn write_atomic(
+        &self,
+        name: &OsStr,
+        contents: &[u8],
+        mode: u32,
+        owner: Option<Owner>,
+    ) -> Result<()> {
+        if self.state(name)?.is_some_and(|s| s.is_dir()) {
+            bail!("{} is a directory, not a file", self.show(name));
+        }
+        let mut temp = OsString::from(".");
+        temp.push(name);
+        temp.push(format!(".hapair-{}", std::process::id()));
+        // A temp file left by a killed run of this same pid is ours to drop.
+        let _ = rustix::fs::unlinkat(&self.fd, temp.as_os_str(), AtFlags::empty());
+        let written = self.write_new(&temp, contents, mode, owner).and_then(|()| {
+            rustix::fs::renameat(&self.fd, temp.as_os_str(), &self.fd, name)
+                .with_context(|| format!("can't rename into {}", self.show(name)))
+        });
+        if written.is_err() {
+            let _ = rustix::fs::unlinkat(&self.fd, temp.as_os_str(), AtFlags::empty());
+        }
+        written?;
+        rustix::fs::fsync(&self.fd)
+            .with_context(|| format!("can't sync directory {}", self.path.display()))
+    }
+
+    fn write_new(
+        &self,
+        temp: &OsStr,
+        contents: &[u8],
+        mode: u32,
+        owner: Option<Owner>,
+    ) -> Result<()> {
+        let flags =
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        // No wider than 0600 while it is being filled.
+        let fd = rustix::fs::openat(&self.fd, temp, flags, Mode::from_raw_mode(0o600))
+            .map_err(|e| io_error(e, &self.path.join(temp)))?;
+        set_owner_mode(&fd, owner, mode).with_context(|| self.show(temp))?;
+        let mut file = File::from(fd);
+        file.write_all(contents)
+            .and_then(|()| file.sync_all())
+            .with_context(|| format!("can't write {}", self.show(temp)))
+    }
+
+    /// Makes `name` a directory with `mode` and `owner`. Returns whether
+    /// anything changed. A symlink there is refused, not followed.
+    pub fn ensure_dir(&self, name: &OsStr, mode: u32, owner: Option<Owner>) -> Result<bool> {
+        let created = match rustix::fs::mkdirat(&self.fd, name, Mode::from_raw_mode(0o700)) {
+            Ok(()) => true,
+            Err(Errno::EXIST) => false,
+            Err(e) => return Err(io_error(e, &self.path.join(name))),
+        };
+        let fd = open_dir_fd(&self.fd, name).map_err(|e| match e {
+            Errno::LOOP | Errno::NOTDIR => anyhow::anyhow!(
+                "{} exists but is not a directory (a symlink or a file); move it away",
+                self.show(name)
+            ),
+            e => io_error(e, &self.path.join(name)),
+        })?;
+        let fixed = fix_owner_mode(&fd, mode, owner).with_context(|| self.show(name))?;
+        Ok(created || fixed)
+    }
+
+    /// Gives `name` (a regular file or a directory, never a link) its `mode`
+    /// and `owner`. Returns whether anything changed.
+    pub fn ensure_mode_owner(&self, name: &OsStr, mode: u32, owner: Option<Owner>) -> Result<bool> {
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+        let fd = match rustix::fs::openat(&self.fd, name, flags, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(Errno::LOOP) => bail!("{}", self.not_regular(name, Kind::Symlink)),
+            Err(e) => return Err(io_error(e, &self.path.join(name))),
+        };
+        let kind = FileState::of(&rustix::fs::fstat(&fd)?).kind;
+        if kind != Kind::File && kind != Kind::Dir {
+            bail!("{}", self.not_regular(name, kind));
+        }
+        fix_owner_mode(&fd, mode, owner).with_context(|| self.show(name))
+    }
+
+    /// Renames `from` to `to`, both in this directory. Neither is followed.
+    pub fn rename(&self, from: &OsStr, to: &OsStr) -> Result<()> {
+        rustix::fs::renameat(&self.fd, from, &self.fd, to)
+            .with_context(|| format!("can't rename {} to {}", self.show(from), self.show(to)))?;
+        rustix::fs::fsync(&self.fd)
+            .with_context(|| format!("can't sync directory {}", self.path.display()))
+    }
+
+    /// Removes `name` and, for a directory, everything in it, without
+    /// following a symlink anywhere. Nothing there is not an error.
+    pub fn remove_all(&self, name: &OsStr) -> Result<()> {
+        remove_tree(&self.fd, name)
+            .map_err(|e| anyhow::anyhow!("can't remove {}: {e}", self.show(name)))
+    }
+
+    /// The device `name` is on, for "is this a mount point?" checks.
+    pub fn device_of(&self, name: &OsStr) -> Result<u64> {
+        let stat = rustix::fs::statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| io_error(e, &self.path.join(name)))?;
+        Ok(stat.st_dev)
+    }
+
+    /// The device this directory is on.
+    pub fn device(&self) -> Result<u64> {
+        Ok(rustix::fs::fstat(&self.fd)?.st_dev)
+    }
+
+    /// The names in this directory, `.` and `..` left out.
+    pub fn names(&self) -> Result<Vec<OsString>> {
+        let fd = open_dir_fd(&self.fd, ".")?;
+        let mut names = Vec::new();
+        for entry in rustix::fs::Dir::read_from(&fd)? {
+            let entry = entry?;
+            let name = OsStr::from_bytes(entry.file_name().to_bytes());
+            if name != "." && name != ".." {
+                names.push(name.to_owned());
+            }
+        }
+        Ok(names)
+    }
+}
+
+fn open_dir_fd<P: rustix::path::Arg, Fd: std::os::fd::AsFd>(
+    at: Fd,
+    name: P,
+) -> rustix::io::Result<OwnedFd> {
+    rustix::fs::openat(
+        at,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+fn remove_tree(at: &OwnedFd, name: &OsStr) -> rustix::io::Result<()> {
+    let stat = match rustix::fs::statat(at, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(stat) => stat,
+        Err(Errno::NOENT) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if FileType::from_raw_mode(stat.st_mode) != FileType::Directory {
+        return rustix::fs::unlinkat(at, name, AtFlags::empty());
+    }
+    let dir = open_dir_fd(at, name)?;
+    let mut names = Vec::new();
+    for entry in rustix::fs::Dir::read_from(&dir)? {
+        let entry = entry?;
+        let entry_name = OsStr::from_bytes(entry.file_name().to_bytes());
+        if entry_name != "." && entry_name != ".." {
+            names.push(entry_name.to_owned());
+        }
+    }
+    for entry_name in names {
+        remove_tree(&dir, &entry_name)?;
+    }
+    rustix::fs::unlinkat(at, name, AtFlags::REMOVEDIR)
+}
+
+fn set_owner_mode(fd: &OwnedFd, owner: Option<Owner>, mode: u32) -> Result<()> {
+    if let Some(owner) = owner {
+        rustix::fs::fchown(
+            fd,
+            Some(rustix::fs::Uid::from_raw(owner.uid)),
+            Some(rustix::fs::Gid::from_raw(owner.gid)),
+        )
+        .context("can't chown")?;
+    }
+    // After chown, which clears setuid and setgid bits.
+    rustix::fs::fchmod(fd, Mode::from_raw_mode(mode)).context("can't chmod")
+}
+
+fn fix_owner_mode(fd: &OwnedFd, mode: u32, owner: Option<Owner>) -> Result<bool> {
+    let current = FileState::of(&rustix::fs::fstat(fd)?);
+    let owner_off = owner.is_some_and(|o| o != current.owner);
+    if !owner_off && current.mode == mode {
+        return Ok(false);
+    }
+    set_owner_mode(fd, owner.filter(|_| owner_off), mode)?;
+    Ok(true)
+}
+
+fn io_error(errno: Errno, path: &Path) -> anyhow::Error {
+    let error = std::io::Error::from(errno);
+    let kind = error.kind();
+    anyhow::Error::new(std::io::Error::new(
+        kind,
+        format!("{}: {error}", path.display()),
+    ))
+}
+
+/// Whether `error` says that something does not exist.
+pub fn is_not_found(error: &anyhow::Error) -> bool {
+    error
+        .downcast_ref::<std::io::Error>()
+        .is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+}
+
+/// The state of `path` (a symlink is reported as one, not followed), or
+/// `None` when nothing is there.
+pub fn state(path: &Path) -> Result<Option<FileState>> {
+    if path == Path::new("/") {
+        return Ok(Some(FileState::of(&rustix::fs::stat("/")?)));
+    }
+    let (dir, name) = match Dir::of(path) {
+        Ok(found) => found,
+        Err(e) if is_not_found(&e) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    dir.state(&name)
+}
+
+/// The state of `path`, which must exist and be a file or a directory (a
+/// service's configuration, say).
 pub fn existing(path: &Path) -> Result<FileState> {
-    state(path)?.with_context(|| {
+    let state = state(path)?.with_context(|| {
         format!(
             "{} does not exist: is the service installed?",
             path.display()
         )
-    })
+    })?;
+    match state.kind {
+        Kind::File | Kind::Dir => Ok(state),
+        Kind::Symlink => bail!(
+            "{} is a symlink: hapair does not follow links in directories that other \
+             accounts can write. Replace it with the file itself",
+            path.display()
+        ),
+        Kind::Other => bail!("{} is not a regular file or directory", path.display()),
+    }
 }
 
 /// `path` with `.suffix` appended to its name: `/a/main` -> `/a/main.old`.
@@ -71,86 +517,37 @@ pub fn unix_time() -> u64 {
         .unwrap_or(0)
 }
 
-/// Reads `path` as text, or `None` when it doesn't exist.
+/// Reads `path` as text, or `None` when it doesn't exist. A symlink or
+/// anything but a regular file is refused.
 pub fn read_optional(path: &Path) -> Result<Option<String>> {
-    match fs::read_to_string(path) {
-        Ok(text) => Ok(Some(text)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("can't read {}", path.display())),
-    }
+    let (dir, name) = match Dir::of(path) {
+        Ok(found) => found,
+        Err(e) if is_not_found(&e) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    dir.read(&name)
 }
 
 /// Writes `contents` to `path` atomically, with `mode`, owned by `owner`
-/// (or by whoever runs the module).
+/// (or by whoever runs the module). See [`Dir::write_atomic`].
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32, owner: Option<Owner>) -> Result<()> {
-    let dir = parent_of(path);
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} is not a file path", path.display()))?;
-    let temp = dir.join(format!(
-        ".{}.hapair-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let written = write_new(&temp, contents, mode, owner).and_then(|()| {
-        fs::rename(&temp, path)
-            .with_context(|| format!("can't rename {} to {}", temp.display(), path.display()))
-    });
-    if written.is_err() {
-        let _ = fs::remove_file(&temp);
-    }
-    written?;
-    sync_dir(&dir)
-}
-
-fn write_new(temp: &Path, contents: &[u8], mode: u32, owner: Option<Owner>) -> Result<()> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600) // no wider than asked while it is being filled
-        .open(temp)
-        .with_context(|| format!("can't create {}", temp.display()))?;
-    if let Some(owner) = owner {
-        std::os::unix::fs::fchown(&file, Some(owner.uid), Some(owner.gid))
-            .with_context(|| format!("can't chown {}", temp.display()))?;
-    }
-    file.set_permissions(fs::Permissions::from_mode(mode))
-        .with_context(|| format!("can't chmod {}", temp.display()))?;
-    file.write_all(contents)
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("can't write {}", temp.display()))
+    let (dir, name) = Dir::of(path)?;
+    dir.write_atomic(&name, contents, mode, owner)
 }
 
 /// Makes `path` a directory with `mode` and `owner`. Returns whether
 /// anything changed. Parents are not created: a missing parent is a sign
 /// of a wrong path, not something to paper over.
 pub fn ensure_dir(path: &Path, mode: u32, owner: Option<Owner>) -> Result<bool> {
-    let before = state(path)?;
-    if before.is_none() {
-        fs::create_dir(path).with_context(|| format!("can't create {}", path.display()))?;
-    } else if !before.as_ref().is_some_and(|s| s.is_dir) {
-        anyhow::bail!("{} exists but is not a directory", path.display());
-    }
-    let fixed = ensure_mode_owner(path, mode, owner)?;
-    Ok(before.is_none() || fixed)
+    let (dir, name) = Dir::of(path)?;
+    dir.ensure_dir(&name, mode, owner)
 }
 
 /// Gives an existing `path` its `mode` and `owner`. Returns whether anything
 /// changed.
 pub fn ensure_mode_owner(path: &Path, mode: u32, owner: Option<Owner>) -> Result<bool> {
-    let current = state(path)?.with_context(|| format!("{} does not exist", path.display()))?;
-    let mut changed = false;
-    if let Some(owner) = owner.filter(|o| *o != current.owner) {
-        std::os::unix::fs::chown(path, Some(owner.uid), Some(owner.gid))
-            .with_context(|| format!("can't chown {}", path.display()))?;
-        changed = true;
-    }
-    if current.mode != mode {
-        fs::set_permissions(path, fs::Permissions::from_mode(mode))
-            .with_context(|| format!("can't chmod {}", path.display()))?;
-        changed = true;
-    }
-    Ok(changed)
+    let (dir, name) = Dir::of(path)?;
+    dir.ensure_mode_owner(&name, mode, owner)
 }
 
 /// Whether `path` has `mode` and (if given) `owner`.
@@ -158,17 +555,12 @@ pub fn has_mode_owner(current: &FileState, mode: u32, owner: Option<Owner>) -> b
     current.mode == mode && owner.is_none_or(|o| o == current.owner)
 }
 
-fn parent_of(path: &Path) -> PathBuf {
+/// The directory `path` is in (`.` for a bare name).
+pub fn parent_of(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     }
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("can't sync directory {}", dir.display()))
 }
 
 /// Files to rewrite, each with its new text, owner and mode: planned first
@@ -260,6 +652,8 @@ impl FilePlan {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
+    use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 
     fn scratch(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("hapair-files-{name}-{}", std::process::id()));
@@ -302,5 +696,133 @@ mod tests {
         assert!(ensure_dir(&sub, 0o700, None).unwrap());
         assert_eq!(state(&sub).unwrap().unwrap().mode, 0o700);
         fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A directory that another account can write, as ~hapair/.ssh is.
+    fn hostile(name: &str) -> PathBuf {
+        let dir = scratch(name);
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_symlink_is_never_read_through() {
+        let dir = hostile("read-link");
+        let secret = dir.join("root-only");
+        fs::write(&secret, "root's secret\n").unwrap();
+        symlink(&secret, dir.join("authorized_keys")).unwrap();
+        let err = read_optional(&dir.join("authorized_keys")).unwrap_err();
+        assert!(format!("{err:#}").contains("is a symlink"), "{err:#}");
+        // A plan that would keep the current text refuses too.
+        let mut plan = FilePlan::default();
+        let err = plan
+            .file(
+                &dir.join("authorized_keys"),
+                |t| format!("{t}x\n"),
+                0o600,
+                None,
+            )
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("is a symlink"), "{err:#}");
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_write_replaces_a_symlink_and_never_writes_through_it() {
+        let dir = hostile("write-link");
+        let target = dir.join("target");
+        fs::write(&target, "untouched").unwrap();
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o4755)).unwrap();
+        let link = dir.join("pg_hba.conf");
+        symlink(&target, &link).unwrap();
+        write_atomic(&link, b"new\n", 0o640, None).unwrap();
+        assert_eq!(fs::read_to_string(&target).unwrap(), "untouched");
+        assert_eq!(fs::metadata(&target).unwrap().mode() & 0o7777, 0o4755);
+        let written = fs::symlink_metadata(&link).unwrap();
+        assert!(written.is_file());
+        assert_eq!(written.mode() & 0o7777, 0o640);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn modes_and_owners_are_never_set_through_a_symlink() {
+        let dir = hostile("chmod-link");
+        let target = dir.join("setuid-program");
+        fs::write(&target, "#!/bin/sh\n").unwrap();
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o4755)).unwrap();
+        symlink(&target, dir.join("id_ed25519")).unwrap();
+        assert!(ensure_mode_owner(&dir.join("id_ed25519"), 0o600, None).is_err());
+        assert_eq!(fs::metadata(&target).unwrap().mode() & 0o7777, 0o4755);
+        // ensure_dir on a link to a directory: refused, the target untouched.
+        let real = dir.join("real");
+        fs::create_dir(&real).unwrap();
+        fs::set_permissions(&real, fs::Permissions::from_mode(0o755)).unwrap();
+        symlink(&real, dir.join(".ssh")).unwrap();
+        let err = ensure_dir(&dir.join(".ssh"), 0o700, None).unwrap_err();
+        assert!(format!("{err:#}").contains("not a directory"), "{err:#}");
+        assert_eq!(fs::metadata(&real).unwrap().mode() & 0o7777, 0o755);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_symlinked_directory_in_a_writable_directory_is_not_followed() {
+        let dir = hostile("dir-link");
+        let elsewhere = scratch("dir-link-target");
+        symlink(&elsewhere, dir.join(".ssh")).unwrap();
+        let err = write_atomic(&dir.join(".ssh/authorized_keys"), b"k\n", 0o600, None).unwrap_err();
+        assert!(format!("{err:#}").contains("does not follow it"), "{err:#}");
+        assert!(fs::read_dir(&elsewhere).unwrap().next().is_none());
+        fs::remove_dir_all(dir).unwrap();
+        fs::remove_dir_all(elsewhere).unwrap();
+    }
+
+    #[test]
+    fn a_symlink_only_root_could_make_is_followed() {
+        // /proc/self -> <pid>, in root's /proc: a link made by the system.
+        let dir = Dir::open(Path::new("/proc/self")).unwrap();
+        assert!(dir.state(OsStr::new("status")).unwrap().is_some());
+    }
+
+    #[test]
+    fn fifos_and_huge_files_are_refused() {
+        let dir = hostile("fifo");
+        let fifo = dir.join("known_hosts");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let err = read_optional(&fifo).unwrap_err();
+        assert!(format!("{err:#}").contains("not a regular file"), "{err:#}");
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn config_modes_are_bounded() {
+        let found = FileState {
+            mode: 0o4777,
+            owner: Owner { uid: 0, gid: 0 },
+            kind: Kind::File,
+        };
+        assert_eq!(found.config_mode(), 0o664);
+    }
+
+    #[test]
+    fn remove_all_does_not_follow_links_inside() {
+        let dir = hostile("remove");
+        let outside = scratch("remove-outside");
+        fs::write(outside.join("keep"), "x").unwrap();
+        let tree = dir.join("main.hapair-new");
+        fs::create_dir(&tree).unwrap();
+        symlink(&outside, tree.join("link")).unwrap();
+        fs::write(tree.join("file"), "x").unwrap();
+        Dir::open(&dir)
+            .unwrap()
+            .remove_all(OsStr::new("main.hapair-new"))
+            .unwrap();
+        assert!(!tree.exists());
+        assert!(outside.join("keep").exists());
+        fs::remove_dir_all(dir).unwrap();
+        fs::remove_dir_all(outside).unwrap();
     }
 }

@@ -248,10 +248,16 @@ pub fn known_hosts_with(current: &str, host: Ipv4Addr, key: &PublicKey) -> Pinne
 }
 
 /// An ed25519 key pair on disk: `<dir>/id_ed25519` and its `.pub`.
+///
+/// ssh-keygen runs as the account that owns the pair (`owner`): the
+/// directory is that account's to write, and root must not read or write
+/// through a link it left there.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyPair {
     pub private: PathBuf,
     pub public: PathBuf,
+    /// The account ssh-keygen runs as; `None`: whoever runs the module.
+    pub owner: Option<String>,
 }
 
 /// A key's fingerprint as `ssh-keygen -l` gives it.
@@ -264,23 +270,42 @@ pub struct Fingerprint {
     pub key_type: String,
 }
 
+/// The last line of every complete OpenSSH private key file.
+const PRIVATE_KEY_END: &str = "-----END OPENSSH PRIVATE KEY-----";
+
 impl KeyPair {
-    /// The cluster account's key pair in `~/.ssh`.
-    pub fn in_ssh_dir(ssh_dir: &Path) -> KeyPair {
+    /// The key pair in `ssh_dir` (`~/.ssh`) of `owner`.
+    pub fn in_ssh_dir(ssh_dir: &Path, owner: Option<&str>) -> KeyPair {
         KeyPair {
             private: ssh_dir.join("id_ed25519"),
             public: ssh_dir.join("id_ed25519.pub"),
+            owner: owner.map(String::from),
+        }
+    }
+
+    fn ssh_keygen(&self) -> Command {
+        match &self.owner {
+            Some(account) => Command::new("runuser").args(["-u", account, "--", "ssh-keygen"]),
+            None => Command::new("ssh-keygen"),
         }
     }
 
     /// Generates a new pair without a passphrase (the account uses it
-    /// unattended). The files must not exist: ssh-keygen would prompt.
+    /// unattended). It is made under temporary names and renamed into place,
+    /// public key first: a run killed half-way leaves no truncated key.
     pub fn generate(&self, comment: &str) -> Result<()> {
-        Command::new("ssh-keygen")
+        let (dir, name) = crate::files::Dir::of(&self.private)?;
+        let temp = format!(".{}.hapair-new", name.to_string_lossy());
+        let temp_pub = format!("{temp}.pub");
+        dir.remove_all(temp.as_ref())?;
+        dir.remove_all(temp_pub.as_ref())?;
+        self.ssh_keygen()
             .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
-            .arg(&self.private)
+            .arg(dir.path().join(&temp))
             .run()?;
-        Ok(())
+        let public_name = self.public.file_name().context("the public key's name")?;
+        dir.rename(temp_pub.as_ref(), public_name)?;
+        dir.rename(temp.as_ref(), &name)
     }
 
     /// The public key as written in the `.pub` file, if there is one.
@@ -288,10 +313,18 @@ impl KeyPair {
         Ok(crate::files::read_optional(&self.public)?.map(|t| t.trim().to_string()))
     }
 
+    /// Whether the private key file was cut short (a write that was killed):
+    /// empty, or without the line every complete key ends with.
+    pub fn private_is_truncated(&self) -> Result<bool> {
+        Ok(crate::files::read_optional(&self.private)?
+            .is_some_and(|text| !text.trim_end().ends_with(PRIVATE_KEY_END)))
+    }
+
     /// The public key computed from the private key (`ssh-keygen -y`).
     pub fn derive_public(&self) -> Result<String> {
-        let out = Command::new("ssh-keygen")
-            .args(["-y", "-f"])
+        let out = self
+            .ssh_keygen()
+            .args(["-y", "-P", "", "-f"])
             .arg(&self.private)
             .run()
             .with_context(|| format!("can't read the private key {}", self.private.display()))?;
@@ -299,7 +332,8 @@ impl KeyPair {
     }
 
     pub fn fingerprint(&self) -> Result<Fingerprint> {
-        let out = Command::new("ssh-keygen")
+        let out = self
+            .ssh_keygen()
             .args(["-l", "-E", "sha256", "-f"])
             .arg(&self.public)
             .run()?;
@@ -448,7 +482,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("hapair-ssh-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let pair = KeyPair::in_ssh_dir(&dir);
+        let pair = KeyPair::in_ssh_dir(&dir, None);
         pair.generate("test@host").unwrap();
         let public = pair.read_public().unwrap().unwrap();
         assert!(public.starts_with("ssh-ed25519 ") && public.ends_with(" test@host"));

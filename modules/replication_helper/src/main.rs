@@ -79,7 +79,7 @@ fn replication_helper(args: Args, ctx: &mut Context) -> Result<Outcome> {
         )
     })?;
     let ssh_dir = account.home.join(".ssh");
-    let own_key = KeyPair::in_ssh_dir(&ssh_dir)
+    let own_key = KeyPair::in_ssh_dir(&ssh_dir, Some(&args.account))
         .read_public()?
         .with_context(|| {
             format!(
