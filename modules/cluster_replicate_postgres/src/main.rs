@@ -441,7 +441,7 @@ mod tests {
 
     hapair_core::doc_test!(
         Args,
-        json!({"primary_address": "10.0.0.1", "replication_password": "x"})
+        json!({"primary_address": "10.0.0.1", "replication_password": "a long test password"})
     );
 
     #[test]

@@ -623,9 +623,10 @@ impl FilePlan {
         self.changes.push(FileChange {
             path: path.to_path_buf(),
             action: format!("write {}", path.display()),
+            // Whatever a config file holds, a diff never shows a secret.
             diff: Diff {
-                before: current.unwrap_or_default(),
-                after: text.clone(),
+                before: crate::secret::mask_secret_lines(&current.unwrap_or_default()),
+                after: crate::secret::mask_secret_lines(&text),
                 before_header: path.display().to_string(),
                 after_header: path.display().to_string(),
             },

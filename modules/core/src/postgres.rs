@@ -290,19 +290,6 @@ pub fn quote_literal(text: &str) -> String {
 /// PostgreSQL's default iteration count for SCRAM-SHA-256.
 pub const SCRAM_ITERATIONS: u32 = 4096;
 
-/// Refuses passwords that PostgreSQL would put through SASLprep before
-/// hashing: printable ASCII stays as it is, so our verifier is the server's.
-pub fn check_password(password: &Secret) -> Result<()> {
-    let text = password.expose();
-    if text.len() < 12 {
-        bail!("the password is too short: use at least 12 characters");
-    }
-    if !text.chars().all(|c| c.is_ascii_graphic() || c == ' ') {
-        bail!("use printable ASCII characters for the password (letters, digits, punctuation, spaces)");
-    }
-    Ok(())
-}
-
 /// A SCRAM-SHA-256 verifier as PostgreSQL stores it:
 /// `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`.
 pub fn scram_verifier(password: &Secret, salt: &[u8], iterations: u32) -> Result<String> {
@@ -413,12 +400,5 @@ mod tests {
     fn quoting() {
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
         assert_eq!(quote_literal("it's"), "'it''s'");
-    }
-
-    #[test]
-    fn passwords_are_long_printable_ascii() {
-        assert!(check_password(&Secret::new("short")).is_err());
-        assert!(check_password(&Secret::new("ünïcödé password")).is_err());
-        assert!(check_password(&Secret::new("a good long pass-word!")).is_ok());
     }
 }

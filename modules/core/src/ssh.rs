@@ -283,7 +283,9 @@ impl KeyPair {
         }
     }
 
-    fn ssh_keygen(&self) -> Command {
+    /// ssh-keygen, as the account when it writes in the account's
+    /// directory.
+    fn ssh_keygen_as_owner(&self) -> Command {
         match &self.owner {
             Some(account) => Command::new("runuser").args(["-u", account, "--", "ssh-keygen"]),
             None => Command::new("ssh-keygen"),
@@ -299,7 +301,7 @@ impl KeyPair {
         let temp_pub = format!("{temp}.pub");
         dir.remove_all(temp.as_ref())?;
         dir.remove_all(temp_pub.as_ref())?;
-        self.ssh_keygen()
+        self.ssh_keygen_as_owner()
             .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
             .arg(dir.path().join(&temp))
             .run()?;
@@ -320,22 +322,27 @@ impl KeyPair {
             .is_some_and(|text| !text.trim_end().ends_with(PRIVATE_KEY_END)))
     }
 
-    /// The public key computed from the private key (`ssh-keygen -y`).
+    /// The public key computed from the private key (`ssh-keygen -y`). The
+    /// key is read here, without following a link, and handed to ssh-keygen
+    /// on stdin: ssh-keygen opens no path in the account's directory.
     pub fn derive_public(&self) -> Result<String> {
-        let out = self
-            .ssh_keygen()
-            .args(["-y", "-P", "", "-f"])
-            .arg(&self.private)
+        let private = crate::files::read_optional(&self.private)?
+            .with_context(|| format!("{} is missing", self.private.display()))?;
+        let out = Command::new("ssh-keygen")
+            .args(["-y", "-P", "", "-f", "/dev/stdin"])
+            .stdin(private)
             .run()
             .with_context(|| format!("can't read the private key {}", self.private.display()))?;
         Ok(out.stdout.trim().to_string())
     }
 
+    /// The fingerprint of the public key file, read the same way.
     pub fn fingerprint(&self) -> Result<Fingerprint> {
-        let out = self
-            .ssh_keygen()
-            .args(["-l", "-E", "sha256", "-f"])
-            .arg(&self.public)
+        let public = crate::files::read_optional(&self.public)?
+            .with_context(|| format!("{} is missing", self.public.display()))?;
+        let out = Command::new("ssh-keygen")
+            .args(["-l", "-E", "sha256", "-f", "-"])
+            .stdin(public)
             .run()?;
         parse_fingerprint(out.stdout.trim())
     }

@@ -39,6 +39,25 @@ pub enum Source {
     StdinOrNothing,
 }
 
+/// The command line as text: an argument that is not UTF-8 is an error of
+/// the call, named by its position, not a panic.
+pub fn utf8_argv(
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+) -> Result<Vec<String>, String> {
+    args.into_iter()
+        .enumerate()
+        .map(|(i, arg)| {
+            arg.into_string().map_err(|_| {
+                format!(
+                    "argument {} is not valid UTF-8: pass options as UTF-8 JSON, or put them \
+                     in a file and pass --args-file FILE",
+                    i + 1
+                )
+            })
+        })
+        .collect()
+}
+
 /// Parses the command line (without the program name).
 pub fn parse_argv(argv: &[String]) -> Result<Invocation, String> {
     let mut call = Call::default();

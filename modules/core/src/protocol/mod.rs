@@ -101,12 +101,21 @@ where
     A: DeserializeOwned,
     F: FnOnce(A, &mut Context) -> anyhow::Result<Outcome>,
 {
-    let argv: Vec<String> = std::env::args().skip(1).collect();
     let interactive = std::io::stderr().is_terminal();
+    let argv = match input::utf8_argv(std::env::args_os().skip(1)) {
+        Ok(argv) => argv,
+        Err(msg) => return finish(spec, Reply::bad_args(msg, interactive)),
+    };
     let invocation = match input::parse_argv(&argv) {
         Ok(Invocation::Help) => {
-            print!("{}", input::help_text(spec));
-            return ExitCode::SUCCESS;
+            let mut stdout = std::io::stdout().lock();
+            let written = stdout
+                .write_all(input::help_text(spec).as_bytes())
+                .and_then(|()| stdout.flush());
+            return match written {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::from(EXIT_FAILED),
+            };
         }
         Ok(Invocation::Run(call)) => call,
         Err(msg) => return finish(spec, Reply::bad_args(msg, interactive)),
@@ -255,20 +264,22 @@ fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
     })
 }
 
-/// Prints the reply: JSON on stdout (secrets scrubbed), and a summary for a
-/// person on stderr when it is a terminal.
-fn finish(spec: &Spec, reply: Reply) -> ExitCode {
-    let text = crate::secret::scrub(&reply.json.to_string());
+/// Prints the reply: JSON on stdout (secrets scrubbed from its values
+/// before it is serialized), and a summary for a person on stderr when it
+/// is a terminal. A result that could not be written is a failure.
+fn finish(spec: &Spec, mut reply: Reply) -> ExitCode {
+    crate::secret::scrub_value(&mut reply.json);
     let mut stdout = std::io::stdout().lock();
-    // Nothing sensible is left to do if stdout is gone.
-    let _ = writeln!(stdout, "{text}");
-    let _ = stdout.flush();
+    let written = writeln!(stdout, "{}", reply.json).and_then(|()| stdout.flush());
     if reply.interactive {
         let mut summary = reply.report.clone().unwrap_or_default();
         summary.push_str(&output::human_summary(spec.name, &reply.json));
-        eprint!("{}", crate::secret::scrub(&summary));
+        let _ = std::io::stderr().write_all(crate::secret::scrub(&summary).as_bytes());
     }
-    ExitCode::from(reply.exit)
+    match written {
+        Ok(()) => ExitCode::from(reply.exit),
+        Err(_) => ExitCode::from(reply.exit.max(EXIT_FAILED)),
+    }
 }
 
 #[cfg(test)]

@@ -89,7 +89,7 @@ impl Outcome {
         let mut object = Map::new();
         object.insert("changed".into(), Value::Bool(self.changed));
         object.insert("failed".into(), Value::Bool(self.failed));
-        object.insert("msg".into(), Value::String(self.msg));
+        object.insert("msg".into(), Value::String(bounded(self.msg)));
         object.extend(self.values);
         if ctx.diff && self.changed {
             match self.diffs.len() {
@@ -111,11 +111,31 @@ impl Outcome {
 
 /// The JSON of a failure with nothing but a message (and any warnings).
 pub fn failure_json(msg: &str, warnings: &[String]) -> Value {
-    let mut object = json!({ "changed": false, "failed": true, "msg": msg });
+    let mut object = json!({ "changed": false, "failed": true, "msg": bounded(msg.to_string()) });
     if !warnings.is_empty() {
         object["warnings"] = json!(warnings);
     }
     object
+}
+
+/// The most a message may hold: an error that quotes the input (a 16 MiB
+/// address, say) is cut, not echoed whole.
+pub const MAX_MSG: usize = 4096;
+
+/// `msg`, cut to [`MAX_MSG`] bytes (on a character boundary) with a note
+/// of how much was left out.
+pub fn bounded(mut msg: String) -> String {
+    if msg.len() <= MAX_MSG {
+        return msg;
+    }
+    let mut end = MAX_MSG;
+    while !msg.is_char_boundary(end) {
+        end -= 1;
+    }
+    let cut = msg.len() - end;
+    msg.truncate(end);
+    msg.push_str(&format!("... ({cut} more bytes not shown)"));
+    msg
 }
 
 /// A few lines for a person at a terminal, e.g.
