@@ -289,13 +289,33 @@ fn secondary_streams(fleet: &Fleet) -> Result<()> {
     ensure_eq!(
         words,
         vec![
-            "host",
+            "hostssl",
             "replication",
             "\"hapair_replication\"",
             &format!("{}/32", secondary.ip),
             "scram-sha-256"
         ]
     );
+    // Replication runs over TLS with channel binding only: without TLS the
+    // primary refuses the secondary, with the password right.
+    let plain = secondary.sh_output(&format!(
+        "PGPASSWORD='{REPLICATION_PASSWORD}' psql -XAt -d 'host={} user=hapair_replication \
+         replication=true dbname=replication sslmode=disable' -c IDENTIFY_SYSTEM",
+        primary.ip
+    ))?;
+    let said = String::from_utf8_lossy(&plain.stderr);
+    if plain.status.success() || !said.contains("no encryption") {
+        bail!("a replication connection without TLS was not refused by pg_hba: {said}");
+    }
+    let conninfo = secondary
+        .sh("runuser -u postgres -- psql -XAtc 'select conninfo from pg_stat_wal_receiver'")?;
+    if !conninfo.contains("channel_binding=require") || !conninfo.contains("sslmode=require") {
+        bail!("the standby's connection does not require channel binding: {conninfo}");
+    }
+    let tls = primary.sh(
+        "runuser -u postgres -- psql -XAtc \"select ssl from pg_stat_ssl join pg_stat_replication using (pid)\"",
+    )?;
+    ensure_eq!(tls.trim(), "t");
 
     primary.sh("runuser -u postgres -- pgbench -q -i -s 2 postgres")?;
     let copied = replicate(secondary, primary, json!({}))?.ok()?;

@@ -37,7 +37,7 @@ struct Args {
     #[serde(default = "account::default_name")]
     account: String,
     #[serde(default = "postgres::default_replication_user")]
-    replication_user: String,
+    replication_user: postgres::RoleName,
     /// The secondary's instance config, read over SSH.
     #[serde(default = "instance::default_path")]
     secondary_instance_config: PathBuf,
@@ -79,10 +79,14 @@ fn cluster_add_secondary(args: Args, ctx: &mut Context) -> Result<Outcome> {
     })?;
 
     // The source of truth about the secondary's protection is the secondary.
+    let remote_config = args
+        .secondary_instance_config
+        .to_str()
+        .context("secondary_instance_config is not UTF-8")?;
     let read = ssh::run_on_peer(
         &account,
         secondary,
-        &format!("cat {}", args.secondary_instance_config.display()),
+        &["cat", "--", remote_config],
         Duration::from_secs(args.ssh_timeout),
     )?;
     let remote_text = match (read.code, read.stderr.contains("No such file")) {
@@ -120,7 +124,7 @@ fn cluster_add_secondary(args: Args, ctx: &mut Context) -> Result<Outcome> {
     let mut files = FilePlan::default();
     let hba = cluster.hba_file();
     let hba_state = hapair_core::files::existing(&hba)?;
-    files.file(
+    files.try_file(
         &hba,
         |text| postgres::hba_with_replication_rule(text, &args.replication_user, secondary),
         hba_state.config_mode(),

@@ -14,7 +14,7 @@
 //! PostgreSQL only when a changed setting needs it (a reload does the rest).
 
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -23,7 +23,7 @@ use hapair_core::files::{self, FilePlan};
 use hapair_core::instance::{self, InstanceConfig, Key};
 use hapair_core::postgres::{self, Cluster};
 use hapair_core::services::Unit;
-use hapair_core::{net, protocol, Context, Outcome, Secret, Spec};
+use hapair_core::{kafka, net, protocol, redis, Context, Outcome, Secret, Spec};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -40,7 +40,7 @@ struct Args {
     address: String,
     replication_password: Secret,
     #[serde(default = "postgres::default_replication_user")]
-    replication_user: String,
+    replication_user: postgres::RoleName,
     redis_password: Secret,
     #[serde(default = "default_max_wal_senders")]
     max_wal_senders: u32,
@@ -54,15 +54,15 @@ struct Args {
     postgresql_port: u16,
     #[serde(default = "postgres::default_unit")]
     postgresql_unit: String,
-    #[serde(default = "default_redis_config")]
+    #[serde(default = "redis::default_config")]
     redis_config: PathBuf,
-    #[serde(default = "default_redis_unit")]
+    #[serde(default = "redis::default_unit")]
     redis_unit: String,
-    #[serde(default = "default_kafka_config")]
+    #[serde(default = "kafka::default_config")]
     kafka_config: PathBuf,
-    #[serde(default = "default_kafka_port")]
+    #[serde(default = "kafka::default_port")]
     kafka_port: u16,
-    #[serde(default = "default_kafka_unit")]
+    #[serde(default = "kafka::default_unit")]
     kafka_unit: String,
     #[serde(default = "instance::default_path")]
     instance_config: PathBuf,
@@ -77,24 +77,6 @@ fn default_max_replication_slots() -> u32 {
 fn default_max_slot_wal_keep_size() -> String {
     "10GB".into()
 }
-fn default_redis_config() -> PathBuf {
-    "/etc/redis/redis.conf".into()
-}
-fn default_redis_unit() -> String {
-    "redis-server".into()
-}
-fn default_kafka_config() -> PathBuf {
-    "/opt/kafka/config/server.properties".into()
-}
-fn default_kafka_port() -> u16 {
-    9092
-}
-fn default_kafka_unit() -> String {
-    "kafka".into()
-}
-
-/// Files hapair owns next to Redis's own configuration.
-const REDIS_DROPIN: &str = "hapair.conf";
 
 fn main() -> ExitCode {
     protocol::run(&SPEC, cluster_enter_primary_mode)
@@ -130,7 +112,7 @@ fn cluster_enter_primary_mode(args: Args, ctx: &mut Context) -> Result<Outcome> 
         0o644,
         Some(pg_owner),
     )?;
-    let redis_dropin = redis_dropin_path(&args.redis_config);
+    let redis_dropin = redis::dropin_path(&args.redis_config);
     let redis_config = files::existing(&args.redis_config)?;
     let redis_owner = redis_config.owner;
     files.secret_file(
@@ -142,7 +124,7 @@ fn cluster_enter_primary_mode(args: Args, ctx: &mut Context) -> Result<Outcome> 
     let include = format!("include {}", redis_dropin.display());
     files.file(
         &args.redis_config,
-        |text| with_line(text, &include),
+        |text| redis::with_line(text, &include),
         redis_config.config_mode(),
         Some(redis_owner),
     )?;
@@ -150,10 +132,18 @@ fn cluster_enter_primary_mode(args: Args, ctx: &mut Context) -> Result<Outcome> 
     let kafka_config = files::existing(&args.kafka_config)?;
     files.file(
         &args.kafka_config,
-        |text| with_property(text, "advertised.listeners", &advertised),
+        |text| kafka::with_property(text, "advertised.listeners", &advertised),
         kafka_config.config_mode(),
         Some(kafka_config.owner),
     )?;
+    if !cluster.tls_enabled()? {
+        bail!(
+            "PostgreSQL on this host has ssl = off: the secondary's replication connection \
+             requires TLS with channel binding, so a machine in the middle can't learn the \
+             password. Set ssl = on with a certificate (Debian's default uses the snakeoil \
+             certificate of the ssl-cert package), then run again"
+        );
+    }
     let role = cluster.role_password(&args.replication_user)?;
     let role_ok = matches!(&role, Some(Some(stored)) if postgres::verifier_matches(stored, &args.replication_password));
     let config = InstanceConfig::load(&args.instance_config)?;
@@ -249,62 +239,15 @@ fn postgres_dropin(args: &Args, address: Ipv4Addr) -> String {
     )
 }
 
-fn redis_dropin_path(redis_config: &Path) -> PathBuf {
-    redis_config.with_file_name(REDIS_DROPIN)
-}
-
 fn redis_dropin_text(args: &Args, address: Ipv4Addr) -> String {
     // masterauth too: after a failover this host replicates from the other.
+    let password = redis::quote(args.redis_password.expose());
     format!(
         "# Written by hapair's cluster_enter_primary_mode: changes here are overwritten.\n\
          bind 127.0.0.1 -::1 {address}\n\
-         requirepass {}\n\
-         masterauth {}\n",
-        args.redis_password.expose(),
-        args.redis_password.expose()
+         requirepass {password}\n\
+         masterauth {password}\n"
     )
-}
-
-/// `text` with `line` as one of its lines (appended when missing).
-fn with_line(text: &str, line: &str) -> String {
-    if text.lines().any(|l| l.trim() == line) {
-        return text.to_string();
-    }
-    let mut text = text.to_string();
-    if !text.is_empty() && !text.ends_with('\n') {
-        text.push('\n');
-    }
-    text.push_str(&format!(
-        "# Added by hapair: its settings come last and win.\n{line}\n"
-    ));
-    text
-}
-
-/// A Java properties file with `key=value` set: the first assignment of the
-/// key is replaced (others are dropped), or one is appended.
-fn with_property(text: &str, key: &str, value: &str) -> String {
-    let is_key = |line: &str| {
-        let line = line.trim_start();
-        line.strip_prefix(key)
-            .is_some_and(|rest| rest.trim_start().starts_with(['=', ':']))
-    };
-    let wanted = format!("{key}={value}");
-    let mut done = false;
-    let mut lines = Vec::new();
-    for line in text.lines() {
-        if is_key(line) {
-            if !done {
-                lines.push(wanted.clone());
-                done = true;
-            }
-        } else {
-            lines.push(line.to_string());
-        }
-    }
-    if !done {
-        lines.push(wanted);
-    }
-    lines.join("\n") + "\n"
 }
 
 /// Waits until a restarted service accepts connections again.
@@ -328,23 +271,4 @@ mod tests {
         Args,
         json!({"address": "10.0.0.1", "replication_password": "a long test password", "redis_password": "another test password"})
     );
-
-    #[test]
-    fn properties_are_set_once_in_place() {
-        let text = "a=1\nadvertised.listeners=PLAINTEXT://localhost:9092\nb=2\n";
-        assert_eq!(
-            with_property(text, "advertised.listeners", "PLAINTEXT://10.0.0.1:9092"),
-            "a=1\nadvertised.listeners=PLAINTEXT://10.0.0.1:9092\nb=2\n"
-        );
-        assert_eq!(with_property("a=1", "k", "v"), "a=1\nk=v\n");
-        assert_eq!(with_property("k = old\nk: older\n", "k", "v"), "k=v\n");
-        assert_eq!(with_property("kk=1\n", "k", "v"), "kk=1\nk=v\n");
-    }
-
-    #[test]
-    fn an_include_line_is_added_once() {
-        let once = with_line("bind 127.0.0.1\n", "include /etc/redis/hapair.conf");
-        assert!(once.ends_with("include /etc/redis/hapair.conf\n"));
-        assert_eq!(with_line(&once, "include /etc/redis/hapair.conf"), once);
-    }
 }

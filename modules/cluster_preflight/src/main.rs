@@ -37,9 +37,9 @@ struct Args {
     /// Where the software is installed: likewise.
     #[serde(default = "default_install_path")]
     install_path: PathBuf,
-    #[serde(default = "default_postgresql_data_dir")]
+    #[serde(default = "hapair_core::postgres::default_data_dir")]
     postgresql_data_dir: PathBuf,
-    #[serde(default = "default_kafka_home")]
+    #[serde(default = "hapair_core::kafka::default_home")]
     kafka_home: PathBuf,
     /// The other host's `facts`, from its own run: compare with them.
     #[serde(default)]
@@ -54,12 +54,6 @@ fn default_data_path() -> PathBuf {
 }
 fn default_install_path() -> PathBuf {
     "/opt".into()
-}
-fn default_postgresql_data_dir() -> PathBuf {
-    "/var/lib/postgresql/15/main".into()
-}
-fn default_kafka_home() -> PathBuf {
-    "/opt/kafka".into()
 }
 fn default_size_tolerance() -> f64 {
     1.0
@@ -219,13 +213,41 @@ fn parse_df_size(output: &str) -> Option<u64> {
 }
 
 /// The full version of the PostgreSQL that runs the cluster in `data_dir`.
+/// PG_VERSION is postgres's file: what it holds is taken only as a major
+/// version number, which picks Debian's binary of that version.
 fn postgresql_version(data_dir: &Path) -> Result<Option<String>> {
-    let Some(major) = hapair_core::files::read_optional(&data_dir.join("PG_VERSION"))? else {
+    let path = data_dir.join("PG_VERSION");
+    let Some(text) = hapair_core::files::read_optional(&path)? else {
         return Ok(None);
     };
-    let postgres = format!("/usr/lib/postgresql/{}/bin/postgres", major.trim());
-    let out = Command::new(postgres).arg("--version").run()?;
+    let major = parse_major_version(&text).with_context(|| {
+        format!(
+            "{} holds {:?}, not a PostgreSQL major version: nothing is run on its word",
+            path.display(),
+            protocol::excerpt(text.trim())
+        )
+    })?;
+    let postgres = Path::new("/usr/lib/postgresql")
+        .join(major)
+        .join("bin/postgres");
+    let out = Command::new(postgres.display().to_string())
+        .arg("--version")
+        .run()?;
     Ok(parse_version_after(&out.stdout, "(PostgreSQL) "))
+}
+
+/// A major version as PG_VERSION holds it: `15`, or `9.6` before 10.
+/// Anything else (a path, a word) is `None`.
+fn parse_major_version(text: &str) -> Option<String> {
+    let text = text.trim();
+    let number = |part: &str| {
+        !part.is_empty() && part.len() <= 3 && part.bytes().all(|b| b.is_ascii_digit())
+    };
+    let valid = match text.split_once('.') {
+        Some((major, minor)) => number(major) && minor.len() == 1 && number(minor),
+        None => number(text),
+    };
+    valid.then(|| text.to_string())
 }
 
 fn redis_version() -> Result<Option<String>> {
@@ -367,6 +389,23 @@ mod tests {
     }
 
     hapair_core::doc_test!(Args, json!({}));
+
+    #[test]
+    fn only_a_version_number_picks_a_program() {
+        assert_eq!(parse_major_version("15\n"), Some("15".into()));
+        assert_eq!(parse_major_version("9.6"), Some("9.6".into()));
+        for hostile in [
+            "../../../tmp/x",
+            "15/../../x",
+            "",
+            "15 x",
+            "1234",
+            "9.6.1",
+            "/tmp/x",
+        ] {
+            assert_eq!(parse_major_version(hostile), None, "{hostile}");
+        }
+    }
 
     #[test]
     fn identical_hosts_match_and_differences_are_listed_with_both_values() {

@@ -43,7 +43,7 @@ struct Args {
     primary_address: String,
     replication_password: Secret,
     #[serde(default = "postgres::default_replication_user")]
-    replication_user: String,
+    replication_user: postgres::RoleName,
     /// This host's address on the pair's network (names its slot); found
     /// from the route to the primary when not given.
     #[serde(default)]
@@ -128,12 +128,8 @@ fn cluster_replicate_postgres(args: Args, ctx: &mut Context) -> Result<Outcome> 
         .postgresql_config_dir
         .join("conf.d")
         .join(STANDBY_DROPIN);
-    files.file(
-        &standby_dropin,
-        |_| standby_settings(&upstream, &slot, &passfile),
-        0o644,
-        Some(postgres_owner),
-    )?;
+    let settings = standby_settings(&upstream, &slot, &passfile)?;
+    files.file(&standby_dropin, |_| settings, 0o644, Some(postgres_owner))?;
 
     // 1. Already streaming from this primary?
     let primary_id = upstream.system_identifier();
@@ -314,13 +310,7 @@ fn copy(
     let mut command = Command::new("runuser")
         .args(["-u", "postgres", "--"])
         .arg(args.postgresql_bin_dir.join("pg_basebackup"))
-        .args([
-            "-h",
-            &upstream.host.to_string(),
-            "-p",
-            &upstream.port.to_string(),
-        ])
-        .args(["-U", &upstream.user, "-D"])
+        .args(["-d", &upstream.conninfo(&[]), "-D"])
         .arg(new_dir)
         .args(["-X", "stream", "-S", slot, "-c", "fast", "-w"])
         .secret_env("PGPASSWORD", &upstream.password)
@@ -399,30 +389,33 @@ fn set_mode_secondary(instance_config: &Path) -> Result<()> {
     })
 }
 
-/// One `.pgpass` line for the primary; `:` and `\` in the password escaped.
+/// One `.pgpass` line for the primary; `:` and `\` escaped in every field.
 fn passfile_line(upstream: &Upstream) -> String {
-    let password = upstream
-        .password
-        .expose()
-        .replace('\\', "\\\\")
-        .replace(':', "\\:");
+    let field = |text: &str| text.replace('\\', "\\\\").replace(':', "\\:");
     format!(
-        "{}:{}:*:{}:{password}\n",
-        upstream.host, upstream.port, upstream.user
+        "{}:{}:*:{}:{}\n",
+        upstream.host,
+        upstream.port,
+        field(upstream.user.as_str()),
+        field(upstream.password.expose())
     )
 }
 
-fn standby_settings(upstream: &Upstream, slot: &str, passfile: &Path) -> String {
-    format!(
+/// The standby settings: each value quoted for libpq inside the
+/// connection string, and the whole for postgresql.conf.
+fn standby_settings(upstream: &Upstream, slot: &str, passfile: &Path) -> Result<String> {
+    let passfile = passfile
+        .to_str()
+        .context("the passfile's path is not UTF-8")?;
+    let conninfo = upstream.conninfo(&[("passfile", passfile), ("application_name", slot)]);
+    Ok(format!(
         "# Written by hapair's cluster_replicate_postgres: changes here are overwritten.\n\
-         primary_conninfo = 'host={} port={} user={} passfile={} application_name={slot}'\n\
-         primary_slot_name = '{slot}'\n\
+         primary_conninfo = {}\n\
+         primary_slot_name = {}\n\
          hot_standby = 'on'\n",
-        upstream.host,
-        upstream.port,
-        upstream.user,
-        passfile.display()
-    )
+        postgres::conf_quote(&conninfo)?,
+        postgres::conf_quote(slot)?
+    ))
 }
 
 fn remove_dir(dir: &Path) -> Result<()> {
@@ -449,16 +442,22 @@ mod tests {
         let upstream = Upstream {
             host: Ipv4Addr::new(10, 0, 0, 1),
             port: 5432,
-            user: "hapair_replication".into(),
+            user: postgres::default_replication_user(),
             password: Secret::new("a:b\\c"),
         };
         assert_eq!(
             passfile_line(&upstream),
             "10.0.0.1:5432:*:hapair_replication:a\\:b\\\\c\n"
         );
-        let settings = standby_settings(&upstream, "hapair_10_0_0_2", Path::new("/p"));
+        let settings =
+            standby_settings(&upstream, "hapair_10_0_0_2", Path::new("/it's /p")).unwrap();
         assert!(settings.contains("primary_slot_name = 'hapair_10_0_0_2'"));
-        assert!(settings.contains("passfile=/p"));
+        assert!(
+            settings.contains("passfile=''/it\\\\''s /p''"),
+            "the path is quoted for libpq, then for the file: {settings}"
+        );
+        assert!(settings.contains("sslmode=''require'' channel_binding=''require''"));
+        assert!(standby_settings(&upstream, "s", Path::new("/a\nrestore_command=x")).is_err());
         assert!(!settings.contains("a:b"));
         assert_eq!(
             files::with_suffix(Path::new("/d/main"), "hapair-new"),

@@ -90,17 +90,12 @@ impl Command {
     pub fn run(&self) -> Result<Output> {
         let output = self.output()?;
         if !output.success() {
-            let status = match output.code {
-                Some(code) => format!("exited with {code}"),
-                None => "was killed by a signal".to_string(),
-            };
-            let said = last_lines(&output.stderr, 5);
-            let said = if said.is_empty() {
-                last_lines(&output.stdout, 5)
-            } else {
-                said
-            };
-            bail!("`{}` {status}: {said}", self.display());
+            bail!(
+                "`{}` {}: {}",
+                self.display(),
+                describe(&output),
+                said(&output)
+            );
         }
         Ok(output)
     }
@@ -132,12 +127,130 @@ impl Command {
         })
     }
 
+    /// Runs the program in a process group of its own and fails unless it
+    /// exits 0. `started` gets the group's id as soon as it runs (to be
+    /// recorded: a later run can then end what a killed one left).
+    ///
+    /// When the program ends, whatever it left running in its group is ended
+    /// too: pg_basebackup's WAL streamer, say, which would otherwise hold a
+    /// replication slot, and the program's output pipe, with no end.
+    pub fn run_in_own_group(&self, started: impl FnOnce(u32)) -> Result<Output> {
+        use std::io::Read;
+        use std::os::unix::process::CommandExt;
+        let program = resolve(&self.program)?;
+        let mut command = std::process::Command::new(program);
+        command
+            .args(&self.args)
+            .process_group(0)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(if self.show_stderr {
+                std::process::Stdio::inherit()
+            } else {
+                std::process::Stdio::piped()
+            });
+        for (name, value) in &self.env {
+            command.env(name, value);
+        }
+        for (name, value) in &self.secret_env {
+            command.env(name, value.expose());
+        }
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("can't run `{}`", self.display()))?;
+        started(child.id());
+        let reader = |pipe: Option<Box<dyn Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut text = Vec::new();
+                if let Some(mut pipe) = pipe {
+                    let _ = pipe.read_to_end(&mut text);
+                }
+                String::from_utf8_lossy(&text).into_owned()
+            })
+        };
+        let stdout = reader(
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        );
+        let stderr = reader(
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        );
+        let status = child.wait();
+        end_group(child.id());
+        let status = status.with_context(|| format!("can't wait for `{}`", self.display()))?;
+        let output = Output {
+            code: status.code(),
+            stdout: stdout.join().unwrap_or_default(),
+            stderr: stderr.join().unwrap_or_default(),
+        };
+        if !output.success() {
+            bail!(
+                "`{}` {}: {}",
+                self.display(),
+                describe(&output),
+                said(&output)
+            );
+        }
+        Ok(output)
+    }
+
     /// The command line, for messages. Safe to show: secrets never are on it.
     pub fn display(&self) -> String {
         let mut words = vec![self.program.clone()];
-        words.extend(self.args.iter().map(|a| quote(&a.to_string_lossy())));
+        words.extend(self.args.iter().map(|a| shell_quote(&a.to_string_lossy())));
         words.join(" ")
     }
+}
+
+fn describe(output: &Output) -> String {
+    match output.code {
+        Some(code) => format!("exited with {code}"),
+        None => "was killed by a signal".to_string(),
+    }
+}
+
+/// The end of what a failed program said: its stderr, else its stdout.
+fn said(output: &Output) -> String {
+    let said = last_lines(&output.stderr, 5);
+    if said.is_empty() {
+        last_lines(&output.stdout, 5)
+    } else {
+        said
+    }
+}
+
+/// Ends every process of the group `pgid`: SIGTERM, then SIGKILL for what
+/// is still there after 10 s. Returns once none is left (or after 20 s).
+pub fn end_group(pgid: u32) {
+    use rustix::process::{kill_process_group, test_kill_process_group, Pid, Signal};
+    let Some(group) = i32::try_from(pgid).ok().and_then(Pid::from_raw) else {
+        return;
+    };
+    let alive = || test_kill_process_group(group).is_ok();
+    let _ = kill_process_group(group, Signal::TERM);
+    for step in 0..200 {
+        if !alive() {
+            return;
+        }
+        if step == 100 {
+            let _ = kill_process_group(group, Signal::KILL);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Whether any process of the group `pgid` is still running.
+pub fn group_is_alive(pgid: u32) -> bool {
+    use rustix::process::{test_kill_process_group, Pid};
+    i32::try_from(pgid)
+        .ok()
+        .and_then(Pid::from_raw)
+        .is_some_and(|group| test_kill_process_group(group).is_ok())
 }
 
 /// Finds `program` on PATH, or in the sbin directories a non-login PATH may
@@ -151,7 +264,10 @@ fn resolve(program: &str) -> Result<PathBuf> {
         .with_context(|| format!("`{program}` is not installed on this host (not found on PATH)"))
 }
 
-fn quote(word: &str) -> String {
+/// `word` quoted for a POSIX shell: as it is when it holds only safe
+/// characters, else in single quotes (a `'` inside closed, escaped and
+/// reopened).
+pub fn shell_quote(word: &str) -> String {
     if !word.is_empty()
         && word
             .chars()
@@ -200,6 +316,28 @@ mod tests {
         assert_eq!(command.run().unwrap().stdout, "s3cret-env");
         assert!(!command.display().contains("s3cret"));
         assert!(!format!("{command:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn a_program_in_its_own_group_leaves_nothing_running() {
+        // The shell ends at once, leaving a child that holds its stderr.
+        let mut group = 0;
+        let started = std::time::Instant::now();
+        let out = Command::new("sh")
+            .args(["-c", "sleep 300 & echo started"])
+            .run_in_own_group(|pgid| group = pgid)
+            .unwrap();
+        assert_eq!(out.stdout.trim(), "started");
+        assert!(!group_is_alive(group), "the sleep outlived its group");
+        assert!(started.elapsed() < std::time::Duration::from_secs(15));
+        let err = Command::new("sh")
+            .args(["-c", "echo no >&2; exit 4"])
+            .run_in_own_group(|_| {})
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "`sh -c 'echo no >&2; exit 4'` exited with 4: no"
+        );
     }
 
     #[test]

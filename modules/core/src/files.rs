@@ -614,8 +614,20 @@ impl FilePlan {
         mode: u32,
         owner: Option<Owner>,
     ) -> Result<()> {
+        self.try_file(path, |text| Ok(edit(text)), mode, owner)
+    }
+
+    /// Like [`FilePlan::file`], for an edit that can refuse the current text.
+    pub fn try_file(
+        &mut self,
+        path: &Path,
+        edit: impl FnOnce(&str) -> Result<String>,
+        mode: u32,
+        owner: Option<Owner>,
+    ) -> Result<()> {
         let current = read_optional(path)?;
-        let text = edit(current.as_deref().unwrap_or(""));
+        let text = edit(current.as_deref().unwrap_or(""))
+            .with_context(|| format!("{}", path.display()))?;
         let state_ok = state(path)?.is_some_and(|s| has_mode_owner(&s, mode, owner));
         if current.as_deref() == Some(text.as_str()) && state_ok {
             return Ok(());

@@ -17,9 +17,13 @@
 //! - [`account`]: the cluster's OS account.
 //! - [`ssh`]: the pair's SSH keys, authorized_keys and pinned host keys.
 //! - [`net`]: this host's addresses, and probes of a peer's ports.
+//! - [`lock`]: one run at a time of a long step, and what a killed run left.
 //! - [`services`]: systemd units: restart, reload, whether they run.
 //! - [`postgres`]: the one place that knows PostgreSQL: queries, its
-//!   configuration drop-in, roles and SCRAM verifiers.
+//!   configuration drop-in, roles and SCRAM verifiers, and the quoting of
+//!   its connection strings and configuration values.
+//! - [`redis`] and [`kafka`]: the same for Redis and Kafka: their files,
+//!   defaults and quoting.
 //!
 //! A module's `main` reads like its seed step: parse arguments, look at the
 //! host, plan, apply unless in check mode, report. Nothing here knows about a
@@ -31,9 +35,12 @@ pub mod command;
 pub mod doc_check;
 pub mod files;
 pub mod instance;
+pub mod kafka;
+pub mod lock;
 pub mod net;
 pub mod postgres;
 pub mod protocol;
+pub mod redis;
 pub mod secret;
 pub mod services;
 pub mod ssh;

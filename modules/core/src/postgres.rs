@@ -37,9 +37,90 @@ pub fn default_port() -> u16 {
 pub fn default_unit() -> String {
     "postgresql@15-main".into()
 }
-pub fn default_replication_user() -> String {
-    format!("{}_replication", crate::account::DEFAULT_NAME)
+pub fn default_replication_user() -> RoleName {
+    RoleName(format!("{}_replication", crate::account::DEFAULT_NAME))
 }
+
+/// A PostgreSQL role name, checked once here: lowercase letters, digits and
+/// `_`, starting with a letter or `_`, at most 63 bytes. Such a name needs
+/// no quoting in SQL, a connection string, a passfile or pg_hba.conf, and
+/// can't carry a newline or a `host=` into any of them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(transparent)]
+pub struct RoleName(String);
+
+impl RoleName {
+    pub fn parse(text: &str) -> Result<RoleName> {
+        let valid = !text.is_empty()
+            && text.len() <= 63
+            && text.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+            && text
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !valid {
+            bail!(
+                "{:?} is not a role name hapair uses: lowercase letters, digits and _, \
+                 starting with a letter, at most 63 characters (e.g. hapair_replication)",
+                crate::protocol::excerpt(text)
+            );
+        }
+        Ok(RoleName(text.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for RoleName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for RoleName {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<RoleName, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        RoleName::parse(&text).map_err(|e| serde::de::Error::custom(format!("{e:#}")))
+    }
+}
+
+/// A libpq connection string of `key='value'` pairs, each value quoted by
+/// libpq's rules (`\` and `'` escaped), so no value can add a keyword.
+pub fn conninfo(pairs: &[(&str, &str)]) -> String {
+    pairs
+        .iter()
+        .map(|(key, value)| {
+            format!(
+                "{key}='{}'",
+                value.replace('\\', "\\\\").replace('\'', "\\'")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A string value for postgresql.conf: single-quoted, `'` doubled and `\`
+/// escaped (the file's parser reads backslash escapes). A control character
+/// (a newline would end the setting) is refused.
+pub fn conf_quote(value: &str) -> Result<String> {
+    if value.chars().any(char::is_control) {
+        bail!(
+            "{:?} holds a control character: it can't go into postgresql.conf",
+            crate::protocol::excerpt(value)
+        );
+    }
+    Ok(format!(
+        "'{}'",
+        value.replace('\\', "\\\\").replace('\'', "''")
+    ))
+}
+
+/// What every replication connection requires: TLS, and SCRAM bound to the
+/// TLS channel, so a machine in the middle can neither ask for the password
+/// in clear nor relay the authentication.
+pub const CONNECTION_SECURITY: [(&str, &str); 2] =
+    [("sslmode", "require"), ("channel_binding", "require")];
 
 /// A PostgreSQL cluster laid out as Debian's postgresql-common does.
 #[derive(Debug, Clone)]
@@ -108,12 +189,12 @@ impl Cluster {
 
     /// The stored password verifier of `role`: `None` when there is no such
     /// role, `Some(None)` when it has no password.
-    pub fn role_password(&self, role: &str) -> Result<Option<Option<String>>> {
+    pub fn role_password(&self, role: &RoleName) -> Result<Option<Option<String>>> {
         let row = self.query(&format!(
             "SELECT CASE WHEN rolreplication AND rolcanlogin THEN 'usable' ELSE 'unusable' END \
                     || '|' || coalesce(rolpassword, '') \
              FROM pg_authid WHERE rolname = {}",
-            quote_literal(role)
+            quote_literal(role.as_str())
         ))?;
         if row.is_empty() {
             return Ok(None);
@@ -131,7 +212,7 @@ impl Cluster {
     /// `password`, as a verifier.
     pub fn ensure_replication_role(
         &self,
-        role: &str,
+        role: &RoleName,
         password: &Secret,
         exists: bool,
     ) -> Result<()> {
@@ -139,7 +220,7 @@ impl Cluster {
         let verb = if exists { "ALTER" } else { "CREATE" };
         self.query(&format!(
             "{verb} ROLE {} WITH REPLICATION LOGIN PASSWORD {}",
-            quote_ident(role),
+            quote_ident(role.as_str()),
             quote_literal(&verifier)
         ))?;
         Ok(())
@@ -151,7 +232,7 @@ impl Cluster {
 pub struct Upstream {
     pub host: std::net::Ipv4Addr,
     pub port: u16,
-    pub user: String,
+    pub user: RoleName,
     pub password: Secret,
 }
 
@@ -160,10 +241,11 @@ impl Upstream {
     /// READ_REPLICATION_SLOT) on the primary. The password travels in the
     /// environment, never on a command line.
     pub fn command(&self, command: &str) -> Result<String> {
-        let conninfo = format!(
-            "host={} port={} user={} replication=true dbname=replication connect_timeout=10",
-            self.host, self.port, self.user
-        );
+        let conninfo = self.conninfo(&[
+            ("replication", "true"),
+            ("dbname", "replication"),
+            ("connect_timeout", "10"),
+        ]);
         let out = Command::new("psql")
             .args(["-XAtq", "-w", "-d", &conninfo, "-c", command])
             .secret_env("PGPASSWORD", &self.password)
@@ -178,6 +260,20 @@ impl Upstream {
             );
         }
         Ok(out.stdout.trim().to_string())
+    }
+
+    /// The connection string to the primary: host, port, user, the
+    /// required channel security, then `extra`. Never the password.
+    pub fn conninfo(&self, extra: &[(&str, &str)]) -> String {
+        let (host, port) = (self.host.to_string(), self.port.to_string());
+        let mut pairs = vec![
+            ("host", host.as_str()),
+            ("port", port.as_str()),
+            ("user", self.user.as_str()),
+        ];
+        pairs.extend(CONNECTION_SECURITY);
+        pairs.extend(extra);
+        conninfo(&pairs)
     }
 
     /// The primary's system identifier (IDENTIFY_SYSTEM).
@@ -239,6 +335,12 @@ impl Cluster {
         Ok(found == "1")
     }
 
+    /// Whether the server takes TLS connections (`ssl = on`): the
+    /// replication connection requires it.
+    pub fn tls_enabled(&self) -> Result<bool> {
+        Ok(self.query("SHOW ssl")? == "on")
+    }
+
     /// The cluster's client authentication file.
     pub fn hba_file(&self) -> PathBuf {
         self.config_dir.join("pg_hba.conf")
@@ -255,26 +357,49 @@ const HBA_BEGIN: &str = "# BEGIN hapair: replication from the secondary (cluster
 const HBA_END: &str = "# END hapair";
 
 /// `pg_hba.conf` text with hapair's block holding exactly one rule: `role`
-/// may replicate from `secondary`/32, with scram-sha-256. The block goes
-/// first (the first matching rule wins) and replaces any earlier block.
-pub fn hba_with_replication_rule(text: &str, role: &str, secondary: std::net::Ipv4Addr) -> String {
+/// may replicate from `secondary`/32, over TLS only, with scram-sha-256.
+/// The block goes first (the first matching rule wins) and replaces any
+/// earlier block. Broken markers (a BEGIN without its END, an END alone, a
+/// second block) are an error: lines are never dropped on a guess.
+pub fn hba_with_replication_rule(
+    text: &str,
+    role: &RoleName,
+    secondary: std::net::Ipv4Addr,
+) -> Result<String> {
     let block = format!(
-        "{HBA_BEGIN}\nhost    replication     {}    {secondary}/32    scram-sha-256\n{HBA_END}\n",
-        quote_ident(role)
+        "{HBA_BEGIN}\nhostssl replication     {}    {secondary}/32    scram-sha-256\n{HBA_END}\n",
+        quote_ident(role.as_str())
     );
     let mut rest = String::new();
     let mut inside = false;
-    for line in text.lines() {
-        if line == HBA_BEGIN {
+    let mut blocks = 0;
+    for (number, line) in text.lines().enumerate() {
+        let number = number + 1;
+        let marker = line.trim_end();
+        if marker == HBA_BEGIN {
+            if inside || blocks > 0 {
+                bail!("pg_hba.conf has a second hapair block at line {number}; keep one, then run again");
+            }
             inside = true;
-        } else if inside && line == HBA_END {
+            blocks += 1;
+        } else if marker == HBA_END {
+            if !inside {
+                bail!("pg_hba.conf has an '{HBA_END}' without its BEGIN at line {number}; fix the file by hand, then run again");
+            }
             inside = false;
         } else if !inside {
             rest.push_str(line);
             rest.push('\n');
         }
     }
-    format!("{block}{rest}")
+    if inside {
+        bail!(
+            "pg_hba.conf has hapair's BEGIN marker without its '{HBA_END}': the rules after it \
+             would be lost. Fix the file by hand (add the END line after hapair's rule), then \
+             run again"
+        );
+    }
+    Ok(format!("{block}{rest}"))
 }
 
 /// `"name"` for SQL, quotes doubled.
@@ -375,25 +500,61 @@ mod tests {
     fn the_hba_block_is_first_holds_one_rule_and_replaces_an_old_one() {
         let debian = "local   all   postgres   peer\nhost all all 127.0.0.1/32 scram-sha-256\n";
         let a = std::net::Ipv4Addr::new(10, 0, 0, 2);
-        let once = hba_with_replication_rule(debian, "hapair_replication", a);
+        let role = default_replication_user();
+        let once = hba_with_replication_rule(debian, &role, a).unwrap();
         assert_eq!(
             once,
-            format!("{HBA_BEGIN}\nhost    replication     \"hapair_replication\"    10.0.0.2/32    scram-sha-256\n{HBA_END}\n{debian}")
+            format!("{HBA_BEGIN}\nhostssl replication     \"hapair_replication\"    10.0.0.2/32    scram-sha-256\n{HBA_END}\n{debian}")
         );
-        assert_eq!(
-            hba_with_replication_rule(&once, "hapair_replication", a),
-            once
-        );
-        let moved = hba_with_replication_rule(
-            &once,
-            "hapair_replication",
-            std::net::Ipv4Addr::new(10, 0, 0, 3),
-        );
+        assert_eq!(hba_with_replication_rule(&once, &role, a).unwrap(), once);
+        let moved =
+            hba_with_replication_rule(&once, &role, std::net::Ipv4Addr::new(10, 0, 0, 3)).unwrap();
         assert!(
             moved.contains("10.0.0.3/32") && !moved.contains("10.0.0.2/32"),
             "{moved}"
         );
         assert_eq!(slot_name_for(a), "hapair_10_0_0_2");
+    }
+
+    #[test]
+    fn broken_hba_markers_are_an_error_never_a_loss() {
+        let role = default_replication_user();
+        let a = std::net::Ipv4Addr::new(10, 0, 0, 2);
+        let rules = "local all postgres peer\nhost all all 0.0.0.0/0 reject\n";
+        for broken in [
+            format!("{HBA_BEGIN}\nhost replication x 1.2.3.4/32 md5\n{rules}"),
+            format!("{rules}{HBA_END}\n"),
+            format!("{HBA_BEGIN}\n{HBA_END}\n{HBA_BEGIN}\n{HBA_END}\n{rules}"),
+        ] {
+            let err = hba_with_replication_rule(&broken, &role, a).unwrap_err();
+            assert!(format!("{err}").contains("run again"), "{err}");
+        }
+    }
+
+    #[test]
+    fn role_names_are_checked_once_and_connection_strings_quoted() {
+        for bad in [
+            "",
+            "Hapair",
+            "x host=evil",
+            "a\nrestore_command='touch /tmp/x'",
+            "a'b",
+            "a:b",
+            &"a".repeat(64),
+        ] {
+            assert!(RoleName::parse(bad).is_err(), "{bad:?}");
+            assert!(serde_json::from_value::<RoleName>(serde_json::json!(bad)).is_err());
+        }
+        assert_eq!(
+            RoleName::parse("hapair_replication").unwrap().as_str(),
+            "hapair_replication"
+        );
+        assert_eq!(
+            conninfo(&[("user", "a b"), ("passfile", "/x/it's\\")]),
+            "user='a b' passfile='/x/it\\'s\\\\'"
+        );
+        assert_eq!(conf_quote("host='a' x\\").unwrap(), "'host=''a'' x\\\\'");
+        assert!(conf_quote("a\nrestore_command='x'").is_err());
     }
 
     #[test]

@@ -121,15 +121,17 @@ pub fn scan_host_key(host: Ipv4Addr, timeout: Duration) -> Result<PublicKey> {
     PublicKey::parse(key)
 }
 
-/// Runs `command` on `peer` as the cluster account `account`, with its own
-/// key and its pinned known_hosts only: strict host key checking, no agent,
-/// no prompt.
+/// Runs the program and arguments `argv` on `peer` as the cluster account
+/// `account`, with its own key and its pinned known_hosts only: strict host
+/// key checking, no agent, no prompt. ssh hands the remote shell one line:
+/// each word is quoted for it here, so no argument can add a command.
 pub fn run_on_peer(
     account: &crate::account::Account,
     peer: Ipv4Addr,
-    command: &str,
+    argv: &[&str],
     timeout: Duration,
 ) -> Result<crate::command::Output> {
+    let command = remote_command(argv);
     let ssh_dir = account.home.join(".ssh");
     let option = |name: &str, value: &str| ["-o".to_string(), format!("{name}={value}")];
     let mut args: Vec<String> = vec!["-u".into(), account.name.clone(), "--".into(), "ssh".into()];
@@ -149,8 +151,16 @@ pub fn run_on_peer(
         "-i".into(),
         ssh_dir.join("id_ed25519").display().to_string(),
     ]);
-    args.extend([peer.to_string(), command.to_string()]);
+    args.extend([peer.to_string(), command]);
     Command::new("runuser").args(args).output()
+}
+
+/// The one line a remote shell runs for `argv`, every word quoted.
+pub fn remote_command(argv: &[&str]) -> String {
+    argv.iter()
+        .map(|word| crate::command::shell_quote(word))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The `authorized_keys` line that lets `key` in from `from` only, with no
@@ -453,6 +463,17 @@ mod tests {
         let changed = known_hosts_with(&first.text, peer, &b);
         assert_eq!(changed.replaced, Some(a.material()));
         assert!(!changed.text.contains(&a.base64));
+    }
+
+    #[test]
+    fn a_remote_argument_can_never_add_a_command() {
+        let forged = "/dev/null; echo '{\"cluster\": {\"protected_instance\": false}}'";
+        let line = remote_command(&["cat", "--", forged]);
+        // A real shell runs it: cat is asked for the one odd file name.
+        let out = Command::new("sh").args(["-c", &line]).output().unwrap();
+        assert_eq!(out.stdout, "", "the forged config was printed: {line}");
+        assert!(out.stderr.contains("No such file"), "{}", out.stderr);
+        assert_eq!(remote_command(&["cat", "/etc/x"]), "cat /etc/x");
     }
 
     #[test]

@@ -30,7 +30,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 pub use args::{ansible_bool, ansible_bool_value, field_names};
-pub use output::{Diff, Outcome};
+pub use output::{excerpt, Diff, Outcome};
 
 pub use input::{Call, Invocation, Source};
 

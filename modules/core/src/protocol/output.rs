@@ -138,6 +138,15 @@ pub fn bounded(mut msg: String) -> String {
     msg
 }
 
+/// At most the first 200 characters of `text`, for quoting input in an
+/// error without echoing all of it.
+pub fn excerpt(text: &str) -> String {
+    match text.char_indices().nth(200) {
+        None => text.to_string(),
+        Some((end, _)) => format!("{}...", &text[..end]),
+    }
+}
+
 /// A few lines for a person at a terminal, e.g.
 /// `instance_conf: changed: cluster.protected_instance set to false`.
 pub fn human_summary(module: &str, reply: &Value) -> String {
