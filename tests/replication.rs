@@ -5,9 +5,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use hapair_tests::{
-    ensure_eq, exchange_keys, suite, wait_for, Fleet, Host, ModuleRun, Test, MODULE_DIR,
+use hapair_tests::pair::{
+    add_secondary, make_foreign_cluster, primary_mode_args, replicate, set_protected, sql, trust,
+    PSQL, REDIS_PASSWORD, REPLICATION_PASSWORD,
 };
+use hapair_tests::{ensure_eq, suite, wait_for, Fleet, Host, Test, MODULE_DIR};
 use serde_json::{json, Value};
 
 const TESTS: &[Test] = &[
@@ -43,18 +45,6 @@ const TESTS: &[Test] = &[
 
 fn main() -> ExitCode {
     suite("replication", 2, 5, TESTS)
-}
-
-const REPLICATION_PASSWORD: &str = "repl-Secret-0123456789";
-const REDIS_PASSWORD: &str = "redis-Secret-0123456789";
-
-fn primary_mode_args(host: &Host) -> Value {
-    json!({
-        "address": host.ip,
-        "replication_password": REPLICATION_PASSWORD,
-        "redis_password": REDIS_PASSWORD,
-        "_ansible_diff": true,
-    })
 }
 
 /// What a restart would change: the server start time and main PIDs.
@@ -184,48 +174,6 @@ fn no_secret_in(output: &str) -> Result<()> {
 
 // --- Steps 7 and 8 ---------------------------------------------------------
 
-const PSQL: &str = "runuser -u postgres -- psql -XAt";
-
-fn sql(host: &Host, query: &str) -> Result<String> {
-    Ok(host
-        .sh(&format!("{PSQL} -c \"{query}\""))?
-        .trim()
-        .to_string())
-}
-
-/// Keys and trust between the pair (seed steps 2 and 3), once.
-fn trust(primary: &Host, secondary: &Host) -> Result<()> {
-    if !secondary.succeeds("test -s /var/lib/hapair/.ssh/authorized_keys")? {
-        exchange_keys(primary, secondary)?;
-    }
-    Ok(())
-}
-
-fn add_secondary(primary: &Host, secondary: &Host) -> Result<ModuleRun> {
-    primary.run_module(
-        "cluster_add_secondary",
-        &json!({"secondary_address": secondary.ip, "_ansible_diff": true}),
-    )
-}
-
-fn replicate(secondary: &Host, primary: &Host, extra: Value) -> Result<ModuleRun> {
-    let mut args =
-        json!({"primary_address": primary.ip, "replication_password": REPLICATION_PASSWORD});
-    args.as_object_mut()
-        .unwrap()
-        .extend(extra.as_object().cloned().unwrap_or_default());
-    secondary.run_module("cluster_replicate_postgres", &args)
-}
-
-fn set_protected(host: &Host, protected: bool) -> Result<()> {
-    host.run_module(
-        "instance_conf",
-        &json!({"key": "cluster.protected_instance", "value": protected}),
-    )?
-    .ok()?;
-    Ok(())
-}
-
 fn protected_secondary(fleet: &Fleet) -> Result<()> {
     let (primary, secondary) = (fleet.host("primary"), fleet.host("secondary"));
     trust(primary, secondary)?;
@@ -307,15 +255,6 @@ fn secondary_streams(fleet: &Fleet) -> Result<()> {
     if plain.status.success() || !said.contains("no encryption") {
         bail!("a replication connection without TLS was not refused by pg_hba: {said}");
     }
-    let conninfo = secondary
-        .sh("runuser -u postgres -- psql -XAtc 'select conninfo from pg_stat_wal_receiver'")?;
-    if !conninfo.contains("channel_binding=require") || !conninfo.contains("sslmode=require") {
-        bail!("the standby's connection does not require channel binding: {conninfo}");
-    }
-    let tls = primary.sh(
-        "runuser -u postgres -- psql -XAtc \"select ssl from pg_stat_ssl join pg_stat_replication using (pid)\"",
-    )?;
-    ensure_eq!(tls.trim(), "t");
 
     primary.sh("runuser -u postgres -- pgbench -q -i -s 2 postgres")?;
     let copied = replicate(secondary, primary, json!({}))?.ok()?;
@@ -326,6 +265,16 @@ fn secondary_streams(fleet: &Fleet) -> Result<()> {
         sql(secondary, "select status from pg_stat_wal_receiver")?,
         "streaming"
     );
+    // The standby's connection requires TLS with channel binding.
+    let conninfo = secondary
+        .sh("runuser -u postgres -- psql -XAtc 'select conninfo from pg_stat_wal_receiver'")?;
+    if !conninfo.contains("channel_binding=require") || !conninfo.contains("sslmode=require") {
+        bail!("the standby's connection does not require channel binding: {conninfo}");
+    }
+    let tls = primary.sh(
+        "runuser -u postgres -- psql -XAtc \"select ssl from pg_stat_ssl join pg_stat_replication using (pid)\"",
+    )?;
+    ensure_eq!(tls.trim(), "t");
 
     // Rows written on the primary after set-up reach the secondary.
     sql(
@@ -389,25 +338,6 @@ fn rerun_restarts_nothing(fleet: &Fleet) -> Result<()> {
 
 /// Turns the secondary into a standalone cluster of its own: a new system
 /// identifier, with a marker table.
-fn make_foreign_cluster(secondary: &Host) -> Result<String> {
-    secondary.sh(
-        "systemctl stop postgresql@15-main && \
-         rm -rf /var/lib/postgresql/15/main && \
-         install -d -o postgres -g postgres -m 700 /var/lib/postgresql/15/main && \
-         runuser -u postgres -- /usr/lib/postgresql/15/bin/initdb -D /var/lib/postgresql/15/main >/dev/null && \
-         rm -f /var/lib/postgresql/15/main/postgresql.conf /var/lib/postgresql/15/main/pg_hba.conf /var/lib/postgresql/15/main/pg_ident.conf && \
-         systemctl start postgresql@15-main",
-    )?;
-    sql(
-        secondary,
-        "create table marker (note text); insert into marker values ('foreign')",
-    )?;
-    sql(
-        secondary,
-        "select system_identifier from pg_control_system()",
-    )
-}
-
 fn reseeds_another_cluster(fleet: &Fleet) -> Result<()> {
     let (primary, secondary) = (fleet.host("primary"), fleet.host("secondary"));
     let foreign = make_foreign_cluster(secondary)?;

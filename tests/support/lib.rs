@@ -17,6 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
+
+pub mod pair;
 use serde_json::Value;
 
 /// Where module binaries are put on a test host.

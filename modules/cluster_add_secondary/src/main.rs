@@ -13,7 +13,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use hapair_core::account::{self, Account};
@@ -50,11 +49,11 @@ struct Args {
     #[serde(default = "postgres::default_unit")]
     postgresql_unit: String,
     #[serde(default = "default_ssh_timeout")]
-    ssh_timeout: u64,
+    ssh_timeout: protocol::Seconds,
 }
 
-fn default_ssh_timeout() -> u64 {
-    10
+fn default_ssh_timeout() -> protocol::Seconds {
+    protocol::Seconds::new(10)
 }
 
 fn main() -> ExitCode {
@@ -87,7 +86,7 @@ fn cluster_add_secondary(args: Args, ctx: &mut Context) -> Result<Outcome> {
         &account,
         secondary,
         &["cat", "--", remote_config],
-        Duration::from_secs(args.ssh_timeout),
+        args.ssh_timeout.duration(),
     )?;
     let remote_text = match (read.code, read.stderr.contains("No such file")) {
         (Some(0), _) => read.stdout,

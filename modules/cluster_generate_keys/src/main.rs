@@ -193,6 +193,11 @@ fn plan(
     }
     match files::state(ssh_dir)? {
         None => steps.push(Step::MakeSshDir),
+        Some(state) if state.kind == files::Kind::Symlink => bail!(
+            "{} is a symlink: hapair does not follow links in a directory the account can \
+             write. Replace it with a directory",
+            ssh_dir.display()
+        ),
         Some(state) if !state.is_dir() => {
             bail!(
                 "{} exists but is not a directory; move it away",

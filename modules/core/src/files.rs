@@ -366,16 +366,46 @@ impl Dir {
             .map_err(|e| anyhow::anyhow!("can't remove {}: {e}", self.show(name)))
     }
 
-    /// The device `name` is on, for "is this a mount point?" checks.
-    pub fn device_of(&self, name: &OsStr) -> Result<u64> {
-        let stat = rustix::fs::statat(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW)
+    /// Where the symlink `name` points (read, never followed).
+    pub fn read_link(&self, name: &OsStr) -> Result<PathBuf> {
+        let target = rustix::fs::readlinkat(&self.fd, name, Vec::new())
             .map_err(|e| io_error(e, &self.path.join(name)))?;
-        Ok(stat.st_dev)
+        Ok(PathBuf::from(OsStr::from_bytes(target.as_bytes())))
     }
 
-    /// The device this directory is on.
-    pub fn device(&self) -> Result<u64> {
-        Ok(rustix::fs::fstat(&self.fd)?.st_dev)
+    /// Makes `name` a symlink to `target`, owned by `owner`, replacing what
+    /// is there in one rename.
+    pub fn replace_link(&self, name: &OsStr, target: &Path, owner: Owner) -> Result<()> {
+        let mut temp = OsString::from(".");
+        temp.push(name);
+        temp.push(format!(".hapair-{}", std::process::id()));
+        let _ = rustix::fs::unlinkat(&self.fd, temp.as_os_str(), AtFlags::empty());
+        rustix::fs::symlinkat(target, &self.fd, temp.as_os_str())
+            .map_err(|e| io_error(e, &self.path.join(&temp)))?;
+        rustix::fs::chownat(
+            &self.fd,
+            temp.as_os_str(),
+            Some(rustix::fs::Uid::from_raw(owner.uid)),
+            Some(rustix::fs::Gid::from_raw(owner.gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| io_error(e, &self.path.join(&temp)))?;
+        self.rename(&temp, name)
+    }
+
+    /// Whether `name` is a mount point: on another filesystem than this
+    /// directory, or a bind mount of the same one (another mount id).
+    pub fn is_mount_point(&self, name: &OsStr) -> Result<bool> {
+        use rustix::fs::{statx, StatxFlags};
+        let mask = StatxFlags::MNT_ID | StatxFlags::BASIC_STATS;
+        let here =
+            statx(&self.fd, "", AtFlags::EMPTY_PATH, mask).map_err(|e| io_error(e, &self.path))?;
+        let there = statx(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW, mask)
+            .map_err(|e| io_error(e, &self.path.join(name)))?;
+        let other_device =
+            (here.stx_dev_major, here.stx_dev_minor) != (there.stx_dev_major, there.stx_dev_minor);
+        let mount_ids = here.stx_mask & there.stx_mask & StatxFlags::MNT_ID.bits() != 0;
+        Ok(other_device || mount_ids && here.stx_mnt_id != there.stx_mnt_id)
     }
 
     /// The names in this directory, `.` and `..` left out.
@@ -553,6 +583,44 @@ pub fn ensure_mode_owner(path: &Path, mode: u32, owner: Option<Owner>) -> Result
 /// Whether `path` has `mode` and (if given) `owner`.
 pub fn has_mode_owner(current: &FileState, mode: u32, owner: Option<Owner>) -> bool {
     current.mode == mode && owner.is_none_or(|o| o == current.owner)
+}
+
+/// `path` as an option must be given: absolute, without `.` or `..`, and
+/// without control characters. A trailing slash is dropped, so that
+/// `/var/lib/postgresql/15/main/` is the directory, not a place inside it.
+/// `what` names the option in the message.
+pub fn clean_path(what: &str, path: &Path) -> Result<PathBuf> {
+    let text = path.to_string_lossy();
+    if !path.is_absolute() {
+        bail!(
+            "{what}: {:?} is not an absolute path",
+            crate::protocol::excerpt(&text)
+        );
+    }
+    if text.chars().any(char::is_control) {
+        bail!("{what}: the path holds a control character");
+    }
+    let mut clean = PathBuf::from("/");
+    for component in path.components() {
+        match component {
+            Component::RootDir => {}
+            Component::Normal(name) => clean.push(name),
+            _ => bail!(
+                "{what}: {:?} has a '.' or '..' in it: give the plain path",
+                crate::protocol::excerpt(&text)
+            ),
+        }
+    }
+    if text.split('/').any(|part| part == "." || part == "..") {
+        bail!(
+            "{what}: {:?} has a '.' or '..' in it: give the plain path",
+            crate::protocol::excerpt(&text)
+        );
+    }
+    if clean == Path::new("/") {
+        bail!("{what}: / is not a directory hapair can replace");
+    }
+    Ok(clean)
 }
 
 /// The directory `path` is in (`.` for a bare name).
@@ -808,6 +876,24 @@ mod tests {
         let err = read_optional(&fifo).unwrap_err();
         assert!(format!("{err:#}").contains("not a regular file"), "{err:#}");
         fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn option_paths_are_cleaned_or_refused() {
+        assert_eq!(
+            clean_path("data_dir", Path::new("/var/lib/postgresql/15/main/")).unwrap(),
+            PathBuf::from("/var/lib/postgresql/15/main")
+        );
+        for bad in ["relative/main", "/a/../b", "/a/./b", "/", "/a\nb"] {
+            assert!(clean_path("data_dir", Path::new(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn mount_points_are_told_apart_from_directories() {
+        let root = Dir::open(Path::new("/")).unwrap();
+        assert!(root.is_mount_point(OsStr::new("proc")).unwrap());
+        assert!(!root.is_mount_point(OsStr::new("etc")).unwrap());
     }
 
     #[test]

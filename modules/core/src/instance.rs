@@ -133,6 +133,20 @@ impl<'a> Key<'a> {
             );
         }
         let spec = KEYS.iter().find(|k| k.name == name);
+        // A group that holds known keys (`cluster`, `feature_flags`) is not
+        // a key: setting it would replace every key in it, protection too.
+        let group = format!("{name}.");
+        let inside: Vec<&str> = KEYS
+            .iter()
+            .map(|k| k.name)
+            .filter(|n| n.starts_with(&group))
+            .collect();
+        if !inside.is_empty() {
+            bail!(
+                "{name} is a group of keys, not a key: name one of {}",
+                inside.join(", ")
+            );
+        }
         if spec.is_none() && name.starts_with("cluster.") {
             let known: Vec<&str> = KEYS
                 .iter()
@@ -410,6 +424,16 @@ mod tests {
             path: "/nonexistent".into(),
             root: root.as_object().unwrap().clone(),
         }
+    }
+
+    #[test]
+    fn a_group_of_known_keys_is_not_a_key() {
+        for group in ["cluster", "feature_flags", "app"] {
+            let err = Key::parse(group).unwrap_err().to_string();
+            assert!(err.contains("is a group of keys"), "{group}: {err}");
+        }
+        assert!(Key::parse("cluster.protected_instance").is_ok());
+        assert!(Key::parse("custom.thing").is_ok());
     }
 
     #[test]

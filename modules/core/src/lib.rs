@@ -16,6 +16,7 @@
 //!   that say what ran and what it printed.
 //! - [`account`]: the cluster's OS account.
 //! - [`ssh`]: the pair's SSH keys, authorized_keys and pinned host keys.
+//! - [`wait`]: waiting for a condition, with a deadline.
 //! - [`net`]: this host's addresses, and probes of a peer's ports.
 //! - [`lock`]: one run at a time of a long step, and what a killed run left.
 //! - [`services`]: systemd units: restart, reload, whether they run.
@@ -44,6 +45,7 @@ pub mod redis;
 pub mod secret;
 pub mod services;
 pub mod ssh;
+pub mod wait;
 
 pub use protocol::{Context, Diff, Outcome, Spec};
 pub use secret::Secret;

@@ -11,7 +11,6 @@
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use hapair_core::account::{self, Account};
@@ -54,11 +53,11 @@ struct Args {
     instance_config: PathBuf,
     /// Seconds to wait for the peer's SSH port when scanning its host key.
     #[serde(default = "default_scan_timeout")]
-    scan_timeout: u64,
+    scan_timeout: protocol::Seconds,
 }
 
-fn default_scan_timeout() -> u64 {
-    5
+fn default_scan_timeout() -> protocol::Seconds {
+    protocol::Seconds::new(5)
 }
 
 /// The peer as validated.
@@ -279,7 +278,7 @@ fn peer_host_key(
     if let Some(pinned) = pinned {
         return Ok((pinned, "already pinned"));
     }
-    let scanned = ssh::scan_host_key(peer, Duration::from_secs(args.scan_timeout))?;
+    let scanned = ssh::scan_host_key(peer, args.scan_timeout.duration())?;
     ctx.warn(format!(
         "the host key of {peer} was scanned over the network and trusted on first use; \
          pass peer_host_key (read on the peer, e.g. from its cluster_preflight facts) to pin \

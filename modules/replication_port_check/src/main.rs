@@ -96,7 +96,7 @@ fn replication_port_check(args: Args, _ctx: &mut Context) -> Result<Outcome> {
     }
     let hosts = hosts(&args)?;
     let timeout = Duration::from_secs_f64(args.timeout);
-    let report = check_all(&hosts, &args.ports, timeout);
+    let report = check_all(&hosts, &args.ports, timeout)?;
 
     let closed = |required: bool| -> Vec<String> {
         report
@@ -162,28 +162,51 @@ fn hosts(args: &Args) -> Result<Vec<Ipv4Addr>> {
         .collect()
 }
 
-/// Probes every port of every host at once: a closed port costs the
-/// timeout, and they should not add up.
-fn check_all(hosts: &[Ipv4Addr], ports: &[Port], timeout: Duration) -> Vec<Check> {
+/// The most host-port pairs one run checks: a pair has ten.
+const MAX_CHECKS: usize = 4096;
+/// The most probes under way at once.
+const MAX_PARALLEL: usize = 32;
+
+/// Probes every port of every host, up to [`MAX_PARALLEL`] at once: a
+/// closed port costs the timeout, and for a pair they don't add up.
+fn check_all(hosts: &[Ipv4Addr], ports: &[Port], timeout: Duration) -> Result<Vec<Check>> {
+    let pairs: Vec<(&Ipv4Addr, &Port)> = hosts
+        .iter()
+        .flat_map(|host| ports.iter().map(move |port| (host, port)))
+        .collect();
+    if pairs.len() > MAX_CHECKS {
+        bail!(
+            "{} hosts and {} ports make {} checks; at most {MAX_CHECKS} are made in one run",
+            hosts.len(),
+            ports.len(),
+            pairs.len()
+        );
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let done: Vec<std::sync::Mutex<Option<Check>>> =
+        pairs.iter().map(|_| std::sync::Mutex::new(None)).collect();
     std::thread::scope(|scope| {
-        let handles: Vec<_> = hosts
-            .iter()
-            .flat_map(|host| ports.iter().map(move |port| (host, port)))
-            .map(|(host, port)| {
-                scope.spawn(move || Check {
+        for _ in 0..pairs.len().min(MAX_PARALLEL) {
+            scope.spawn(|| loop {
+                let at = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some((host, port)) = pairs.get(at) else {
+                    break;
+                };
+                let check = Check {
                     host: host.to_string(),
                     port: port.port,
                     service: port.service.clone(),
                     required: port.required,
-                    probe: net::probe(*host, port.port, timeout),
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("a probe does not panic"))
-            .collect()
-    })
+                    probe: net::probe(**host, port.port, timeout),
+                };
+                *done[at].lock().unwrap_or_else(|e| e.into_inner()) = Some(check);
+            });
+        }
+    });
+    Ok(done
+        .into_iter()
+        .filter_map(|slot| slot.into_inner().unwrap_or_else(|e| e.into_inner()))
+        .collect())
 }
 
 fn describe(check: &Check) -> String {
@@ -219,6 +242,26 @@ fn table(report: &[Check]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn many_checks_are_bounded_in_number_and_concurrency() {
+        let ports: Vec<Port> = (1..=100)
+            .map(|p| Port {
+                service: "x".into(),
+                port: p,
+                required: false,
+            })
+            .collect();
+        let many: Vec<Ipv4Addr> = (0..1000)
+            .map(|i| Ipv4Addr::new(127, 0, (i / 250) as u8, (i % 250) as u8 + 1))
+            .collect();
+        let err = check_all(&many, &ports, Duration::from_millis(100)).unwrap_err();
+        assert!(err.to_string().contains("at most 4096"), "{err}");
+        // 400 closed loopback ports, 32 at a time: every one reported.
+        let report = check_all(&many[..4], &ports, Duration::from_millis(200)).unwrap();
+        assert_eq!(report.len(), 400);
+        assert_eq!(report[399].port, 100);
+    }
     use serde_json::json;
 
     hapair_core::doc_test!(Args, json!({}));
@@ -243,7 +286,7 @@ mod tests {
                 required: true,
             },
         ];
-        let report = check_all(&[Ipv4Addr::LOCALHOST], &ports, Duration::from_secs(2));
+        let report = check_all(&[Ipv4Addr::LOCALHOST], &ports, Duration::from_secs(2)).unwrap();
         assert_eq!(report.len(), 2);
         assert!(report[0].probe.open);
         assert!(!report[1].probe.open);

@@ -139,6 +139,50 @@ pub fn ansible_bool<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, 
 
 use serde::Deserialize;
 
+/// A duration option, in whole seconds: at least 1, at most a week. Every
+/// deadline computed from it fits, so no arithmetic on it can overflow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(transparent)]
+pub struct Seconds(u64);
+
+impl Seconds {
+    pub const MAX: u64 = 7 * 24 * 3600;
+
+    /// `seconds`, which must be within the bounds (for defaults).
+    pub const fn new(seconds: u64) -> Seconds {
+        assert!(seconds >= 1 && seconds <= Self::MAX);
+        Seconds(seconds)
+    }
+
+    pub fn get(self) -> u64 {
+        self.0
+    }
+
+    pub fn duration(self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Seconds {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Seconds, D::Error> {
+        let value = Value::deserialize(deserializer)?;
+        // Templated values arrive as strings.
+        let number = match &value {
+            Value::Number(n) => n.as_u64(),
+            Value::String(s) => s.trim().parse().ok(),
+            _ => None,
+        };
+        match number {
+            Some(n) if (1..=Seconds::MAX).contains(&n) => Ok(Seconds(n)),
+            _ => Err(de::Error::custom(format!(
+                "expected a whole number of seconds from 1 to {} (a week), got {}",
+                Seconds::MAX,
+                crate::protocol::excerpt(&value.to_string())
+            ))),
+        }
+    }
+}
+
 /// The option names of `A`, as serde sees them: the field list serde passes
 /// to `deserialize_struct`, caught by a deserializer that does nothing else.
 pub fn field_names<A: DeserializeOwned>() -> &'static [&'static str] {

@@ -29,7 +29,7 @@ use std::process::ExitCode;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
-pub use args::{ansible_bool, ansible_bool_value, field_names};
+pub use args::{ansible_bool, ansible_bool_value, field_names, Seconds};
 pub use output::{excerpt, Diff, Outcome};
 
 pub use input::{Call, Invocation, Source};

@@ -1,0 +1,89 @@
+//! A pair of fleet hosts taken through the seed's steps, for the suites
+//! that need PostgreSQL replication set up: the pair's test passwords, and
+//! one call per step.
+
+use anyhow::Result;
+use serde_json::{json, Value};
+
+use crate::{exchange_keys, Host, ModuleRun};
+
+/// The pair's test passwords (the fleet's hosts are throwaway).
+pub const REPLICATION_PASSWORD: &str = "repl-Secret-0123456789";
+pub const REDIS_PASSWORD: &str = "redis-Secret-0123456789";
+
+/// Seed step 4's options for `host`.
+pub fn primary_mode_args(host: &Host) -> Value {
+    json!({
+        "address": host.ip,
+        "replication_password": REPLICATION_PASSWORD,
+        "redis_password": REDIS_PASSWORD,
+        "_ansible_diff": true,
+    })
+}
+
+pub const PSQL: &str = "runuser -u postgres -- psql -XAt";
+
+/// Runs `query` as postgres on `host`; the rows, trimmed.
+pub fn sql(host: &Host, query: &str) -> Result<String> {
+    Ok(host
+        .sh(&format!("{PSQL} -c \"{query}\""))?
+        .trim()
+        .to_string())
+}
+
+/// Keys and trust between the pair (seed steps 2 and 3), once.
+pub fn trust(primary: &Host, secondary: &Host) -> Result<()> {
+    if !secondary.succeeds("test -s /var/lib/hapair/.ssh/authorized_keys")? {
+        exchange_keys(primary, secondary)?;
+    }
+    Ok(())
+}
+
+/// Seed step 7 on the primary.
+pub fn add_secondary(primary: &Host, secondary: &Host) -> Result<ModuleRun> {
+    primary.run_module(
+        "cluster_add_secondary",
+        &json!({"secondary_address": secondary.ip, "_ansible_diff": true}),
+    )
+}
+
+/// Seed step 8 on the secondary, with `extra` options.
+pub fn replicate(secondary: &Host, primary: &Host, extra: Value) -> Result<ModuleRun> {
+    let mut args =
+        json!({"primary_address": primary.ip, "replication_password": REPLICATION_PASSWORD});
+    args.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().cloned().unwrap_or_default());
+    secondary.run_module("cluster_replicate_postgres", &args)
+}
+
+/// Seed step 5, or its reverse.
+pub fn set_protected(host: &Host, protected: bool) -> Result<()> {
+    host.run_module(
+        "instance_conf",
+        &json!({"key": "cluster.protected_instance", "value": protected}),
+    )?
+    .ok()?;
+    Ok(())
+}
+
+/// Makes `secondary` a cluster of its own (a fresh initdb holding a
+/// `marker` row), as a host of another pair would be; its system identifier.
+pub fn make_foreign_cluster(secondary: &Host) -> Result<String> {
+    secondary.sh(
+        "systemctl stop postgresql@15-main && \
+         rm -rf /var/lib/postgresql/15/main && \
+         install -d -o postgres -g postgres -m 700 /var/lib/postgresql/15/main && \
+         runuser -u postgres -- /usr/lib/postgresql/15/bin/initdb -D /var/lib/postgresql/15/main >/dev/null && \
+         rm -f /var/lib/postgresql/15/main/postgresql.conf /var/lib/postgresql/15/main/pg_hba.conf /var/lib/postgresql/15/main/pg_ident.conf && \
+         systemctl start postgresql@15-main",
+    )?;
+    sql(
+        secondary,
+        "create table marker (note text); insert into marker values ('foreign')",
+    )?;
+    sql(
+        secondary,
+        "select system_identifier from pg_control_system()",
+    )
+}
