@@ -142,7 +142,7 @@ fn keys_truncated(fleet: &Fleet) -> Result<()> {
     }
     host.sh("ssh-keygen -y -f /var/lib/hapair/.ssh/id_ed25519 >/dev/null")?;
     ensure_eq!(
-        host.sh("ls /var/lib/hapair/.ssh | grep -c 'id_ed25519.broken-'")?
+        host.sh("ls /var/lib/hapair/.ssh | grep -c '[.]broken-'")?
             .trim(),
         "2"
     );
@@ -416,6 +416,9 @@ fn lock_and_orphan(fleet: &Fleet) -> Result<()> {
 
 fn tablespaces(fleet: &Fleet) -> Result<()> {
     let (primary, secondary) = (fleet.host("primary"), fleet.host("secondary"));
+    // The secondary stops streaming first: it must not replay the
+    // primary's tablespace into its own directory.
+    make_foreign_cluster(secondary)?;
     for host in [primary, secondary] {
         host.sh("install -d -o postgres -g postgres -m 700 /srv/ts")?;
     }
@@ -425,7 +428,6 @@ fn tablespaces(fleet: &Fleet) -> Result<()> {
         "create table in_ts (n int) tablespace ts; insert into in_ts select generate_series(1, 500)",
     )?;
     // The secondary's own cluster keeps data in the same directory.
-    make_foreign_cluster(secondary)?;
     sql(secondary, "create tablespace ts location '/srv/ts'")?;
     sql(
         secondary,

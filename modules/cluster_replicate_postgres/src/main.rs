@@ -645,7 +645,11 @@ fn copy(step: &Step, lock: &RunLock, interactive: bool) -> Result<CopyRecord> {
     loop {
         // Never the last good data: the live directory is untouched.
         remove_copies(step, &record)?;
-        files::ensure_dir(&new, 0o700, Some(step.postgres_owner))?;
+        // Made here: postgres may not write beside a tablespace directory.
+        for dir in record.directories(&step.data.path)? {
+            dir.parent
+                .ensure_dir(&dir.aside(NEW), 0o700, Some(step.postgres_owner))?;
+        }
         let mut command = Command::new("runuser")
             .args(["-u", "postgres", "--"])
             .arg(step.bin_dir.join("pg_basebackup"))
