@@ -16,7 +16,7 @@ NET ?= 0
 
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
-.PHONY: help build stage venv maven-deps image fleet-up fleet-down demo test test-unit test-fleet bench lint clean
+.PHONY: help build stage venv maven-deps image fleet-up fleet-down demo test test-unit test-fleet bench lint fuzz fuzz-smoke clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -70,6 +70,13 @@ test-fleet: venv stage image ## Module and end-to-end tests on fleet hosts
 
 bench: stage image ## Step 8's copy of 1 GiB against tar over SSH: figures and ratio
 	cargo bench -p hapair-tests --bench bench_copy
+
+FUZZ_SECONDS ?= 120
+fuzz: ## Fuzz every parser and config editor, FUZZ_SECONDS each (cargo fuzz, nightly)
+	fuzz/run $(FUZZ_SECONDS)
+
+fuzz-smoke: ## A short fuzz of each target from the kept corpus (CI runs it)
+	fuzz/run 10
 
 lint: ## Formatting and clippy, as required before each commit
 	cargo fmt --all -- --check

@@ -371,13 +371,18 @@ fn lock_and_orphan(fleet: &Fleet) -> Result<()> {
     primary.sh("runuser -u postgres -- pgbench -q -i -s 10 postgres")?;
     make_foreign_cluster(secondary)?;
     set_protected(secondary, false)?;
-    // A slow copy, started as Ansible's async wrapper would: detached.
+    // A slow copy, started by Ansible's own async wrapper, as the playbook
+    // starts step 8.
     let args = json!({"primary_address": primary.ip, "replication_password": REPLICATION_PASSWORD,
                       "max_rate": "2M"});
     secondary.write("/tmp/slow.json", &args.to_string())?;
-    secondary.sh(&format!(
-        "setsid {MODULE_DIR}/cluster_replicate_postgres /tmp/slow.json >/tmp/slow.out 2>&1 &"
+    secondary.copy_in(&async_wrapper()?, "/tmp/async_wrapper.py")?;
+    let started = secondary.sh(&format!(
+        "ANSIBLE_ASYNC_DIR=/tmp/async python3 /tmp/async_wrapper.py 7 3600 \
+         {MODULE_DIR}/cluster_replicate_postgres /tmp/slow.json"
     ))?;
+    let job: serde_json::Value = serde_json::from_str(started.trim())?;
+    let results = job["results_file"].as_str().unwrap_or_default().to_string();
     wait_for("pg_basebackup to run", Duration::from_secs(30), || {
         secondary.succeeds("pgrep -x pg_basebackup >/dev/null")
     })?;
@@ -391,7 +396,11 @@ fn lock_and_orphan(fleet: &Fleet) -> Result<()> {
     // The module dies; its copy goes on, holding the slot.
     // ([c]: the pattern must not match this very shell's command line.)
     secondary.sh("pkill -KILL -f '[c]luster_replicate_postgres /tmp/slow.json'")?;
-    std::thread::sleep(Duration::from_secs(1));
+    // The job is seen to have died at once, not polled for its hour.
+    wait_for("the async job to end", Duration::from_secs(15), || {
+        let job = secondary.sh(&format!("cat {results}"))?;
+        Ok(job.contains("\"failed\": true") && !job.contains("\"started\""))
+    })?;
     ensure_eq!(
         secondary.succeeds("pgrep -x pg_basebackup >/dev/null")?,
         true
@@ -412,6 +421,23 @@ fn lock_and_orphan(fleet: &Fleet) -> Result<()> {
         ""
     );
     Ok(())
+}
+
+/// ansible-core's async_wrapper, from the venv `make venv` made.
+fn async_wrapper() -> Result<std::path::PathBuf> {
+    let venv = hapair_tests::repo_root().join(".venv/lib");
+    for entry in std::fs::read_dir(&venv)? {
+        let path = entry?
+            .path()
+            .join("site-packages/ansible/modules/async_wrapper.py");
+        if path.is_file() {
+            return Ok(path);
+        }
+    }
+    bail!(
+        "no async_wrapper.py under {}: run `make venv`",
+        venv.display()
+    )
 }
 
 fn tablespaces(fleet: &Fleet) -> Result<()> {

@@ -31,7 +31,7 @@ const SPEC: Spec = Spec {
 
 #[derive(Debug, Deserialize)]
 #[cfg_attr(test, derive(serde::Serialize))]
-struct Args {
+pub(crate) struct Args {
     secondary_address: String,
     #[serde(default = "account::default_name")]
     account: String,
@@ -98,13 +98,9 @@ fn cluster_add_secondary(args: Args, ctx: &mut Context) -> Result<Outcome> {
             read.stderr.trim()
         ),
     };
-    let protected = match serde_json::from_str::<Value>(&remote_text) {
-        _ if remote_text.trim().is_empty() => true,
-        Ok(remote) => remote["cluster"]["protected_instance"] != Value::Bool(false),
-        Err(e) => bail!(
-            "the secondary's instance config is not valid JSON ({e}); fix it on the secondary"
-        ),
-    };
+    let protected = InstanceConfig::parse(&args.secondary_instance_config, &remote_text)
+        .context("the secondary's instance config can't be read; fix it on the secondary")?
+        .is_protected();
     if protected {
         bail!(
             "the secondary {secondary} is a protected instance, so its data can't be replaced. \

@@ -35,7 +35,7 @@ const SPEC: Spec = Spec {
 
 #[derive(Debug, Deserialize)]
 #[cfg_attr(test, derive(serde::Serialize))]
-struct Args {
+pub(crate) struct Args {
     /// This host's address on the pair's network.
     address: String,
     replication_password: Secret,

@@ -30,7 +30,7 @@ const PUBLIC_KEY_MODE: u32 = 0o644;
 
 #[derive(Debug, Deserialize)]
 #[cfg_attr(test, derive(serde::Serialize))]
-struct Args {
+pub(crate) struct Args {
     #[serde(default = "account::default_name")]
     account: String,
     /// Home of the account when it has to be created.

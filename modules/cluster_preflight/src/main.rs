@@ -28,7 +28,7 @@ const SPEC: Spec = Spec {
 
 #[derive(Debug, Deserialize)]
 #[cfg_attr(test, derive(Serialize))]
-struct Args {
+pub(crate) struct Args {
     #[serde(default = "instance::default_path")]
     instance_config: PathBuf,
     /// Where the data lives: its partition must be as large on both hosts.

@@ -48,7 +48,7 @@ const SPEC: Spec = Spec {
 
 #[derive(Debug, Deserialize)]
 #[cfg_attr(test, derive(serde::Serialize))]
-struct Args {
+pub(crate) struct Args {
     primary_address: String,
     replication_password: Secret,
     #[serde(default = "postgres::default_replication_user")]

@@ -623,6 +623,28 @@ pub fn clean_path(what: &str, path: &Path) -> Result<PathBuf> {
     Ok(clean)
 }
 
+/// The lines of a configuration file as its editors see them: split at
+/// `\n` only, each kept byte for byte (a `\r` of a CRLF file stays part of
+/// its line), so that an edit changes no line it doesn't own.
+pub fn config_lines(text: &str) -> impl Iterator<Item = &str> {
+    text.split_terminator('\n')
+}
+
+/// Lines back into a file's text, each ending with `\n`.
+pub fn join_lines<'a>(lines: impl IntoIterator<Item = &'a str>) -> String {
+    let mut text = String::new();
+    for line in lines {
+        text.push_str(line);
+        text.push('\n');
+    }
+    text
+}
+
+/// A line as a marker or setting is compared: without a CRLF's `\r`.
+pub fn line_content(line: &str) -> &str {
+    line.strip_suffix('\r').unwrap_or(line)
+}
+
 /// The directory `path` is in (`.` for a bare name).
 pub fn parent_of(path: &Path) -> PathBuf {
     match path.parent() {

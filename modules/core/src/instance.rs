@@ -266,10 +266,15 @@ impl InstanceConfig {
     /// Reads the config at `path`; a missing file is an empty config (every
     /// key at its default).
     pub fn load(path: &Path) -> Result<InstanceConfig> {
-        let root = match files::read_optional(path)? {
-            None => Map::new(),
-            Some(text) if text.trim().is_empty() => Map::new(),
-            Some(text) => match serde_json::from_str::<Value>(&text) {
+        let text = files::read_optional(path)?.unwrap_or_default();
+        InstanceConfig::parse(path, &text)
+    }
+
+    /// The config at `path` from its text (a peer's, read over SSH, say).
+    pub fn parse(path: &Path, text: &str) -> Result<InstanceConfig> {
+        let root = match text {
+            text if text.trim().is_empty() => Map::new(),
+            text => match serde_json::from_str::<Value>(text) {
                 Ok(Value::Object(root)) => root,
                 Ok(_) => bail!(
                     "{} is not a JSON object; restore it from a backup",

@@ -30,21 +30,21 @@ fn assigns(line: &str, key: &str) -> bool {
 pub fn with_property(text: &str, key: &str, value: &str) -> String {
     let wanted = format!("{key}={value}");
     let mut done = false;
-    let mut lines = Vec::new();
-    for line in text.lines() {
+    let mut lines: Vec<&str> = Vec::new();
+    for line in crate::files::config_lines(text) {
         if assigns(line, key) {
             if !done {
-                lines.push(wanted.clone());
+                lines.push(&wanted);
                 done = true;
             }
         } else {
-            lines.push(line.to_string());
+            lines.push(line);
         }
     }
     if !done {
-        lines.push(wanted);
+        lines.push(&wanted);
     }
-    lines.join("\n") + "\n"
+    crate::files::join_lines(lines)
 }
 
 #[cfg(test)]

@@ -353,8 +353,9 @@ pub fn slot_name_for(address: std::net::Ipv4Addr) -> String {
     format!("hapair_{}", address.to_string().replace('.', "_"))
 }
 
-const HBA_BEGIN: &str = "# BEGIN hapair: replication from the secondary (cluster_add_secondary)";
-const HBA_END: &str = "# END hapair";
+pub const HBA_BEGIN: &str =
+    "# BEGIN hapair: replication from the secondary (cluster_add_secondary)";
+pub const HBA_END: &str = "# END hapair";
 
 /// `pg_hba.conf` text with hapair's block holding exactly one rule: `role`
 /// may replicate from `secondary`/32, over TLS only, with scram-sha-256.
@@ -370,12 +371,12 @@ pub fn hba_with_replication_rule(
         "{HBA_BEGIN}\nhostssl replication     {}    {secondary}/32    scram-sha-256\n{HBA_END}\n",
         quote_ident(role.as_str())
     );
-    let mut rest = String::new();
+    let mut rest: Vec<&str> = Vec::new();
     let mut inside = false;
     let mut blocks = 0;
-    for (number, line) in text.lines().enumerate() {
+    for (number, line) in crate::files::config_lines(text).enumerate() {
         let number = number + 1;
-        let marker = line.trim_end();
+        let marker = crate::files::line_content(line).trim_end();
         if marker == HBA_BEGIN {
             if inside || blocks > 0 {
                 bail!("pg_hba.conf has a second hapair block at line {number}; keep one, then run again");
@@ -388,8 +389,7 @@ pub fn hba_with_replication_rule(
             }
             inside = false;
         } else if !inside {
-            rest.push_str(line);
-            rest.push('\n');
+            rest.push(line);
         }
     }
     if inside {
@@ -399,6 +399,7 @@ pub fn hba_with_replication_rule(
              run again"
         );
     }
+    let rest = crate::files::join_lines(rest);
     Ok(format!("{block}{rest}"))
 }
 

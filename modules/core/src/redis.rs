@@ -48,17 +48,12 @@ pub fn quote(value: &str) -> String {
 /// `text` (redis.conf) with `line` as one of its lines, appended when
 /// missing, with a comment saying why.
 pub fn with_line(text: &str, line: &str) -> String {
-    if text.lines().any(|l| l.trim() == line) {
-        return text.to_string();
+    let lines: Vec<&str> = crate::files::config_lines(text).collect();
+    if lines.iter().any(|l| l.trim() == line) {
+        return crate::files::join_lines(lines);
     }
-    let mut text = text.to_string();
-    if !text.is_empty() && !text.ends_with('\n') {
-        text.push('\n');
-    }
-    text.push_str(&format!(
-        "# Added by hapair: its settings come last and win.\n{line}\n"
-    ));
-    text
+    let comment = "# Added by hapair: its settings come last and win.";
+    crate::files::join_lines(lines.into_iter().chain([comment, line]))
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 
 use crate::command::Command;
+use crate::files::{config_lines, join_lines, line_content};
 
 /// Where sshd keeps this host's ed25519 host key.
 pub const HOST_KEY_PATH: &str = "/etc/ssh/ssh_host_ed25519_key.pub";
@@ -171,30 +172,24 @@ pub fn authorized_entry(key: &PublicKey, from: Ipv4Addr) -> String {
 
 /// `current` (an authorized_keys file) with `key` let in from `from` only.
 /// Any other entry for the same key is replaced, so an old entry without
-/// `from=` can't outlive this one. Other keys are left as they are.
+/// `from=` can't outlive this one. Every other line stays as it is, byte
+/// for byte.
 pub fn authorized_keys_with(current: &str, key: &PublicKey, from: Ipv4Addr) -> String {
     let entry = authorized_entry(key, from);
-    let for_key = |line: &&str| line_key_material(line).as_deref() == Some(&key.material());
+    let material = key.material();
+    let lines: Vec<&str> = config_lines(current).collect();
+    let for_key = |line: &str| line_key_material(line).as_deref() == Some(material.as_str());
     // Already there, alone: leave the file as it is, order included.
-    if current.lines().filter(for_key).eq([entry.as_str()]) {
-        return with_final_newline(current);
+    if lines
+        .iter()
+        .filter(|l| for_key(l))
+        .map(|l| line_content(l))
+        .eq([entry.as_str()])
+    {
+        return join_lines(lines);
     }
-    let mut lines: Vec<&str> = current
-        .lines()
-        .filter(|line| line_key_material(line).as_deref() != Some(&key.material()))
-        .collect();
-    lines.push(&entry);
-    let mut text = lines.join("\n");
-    text.push('\n');
-    text
-}
-
-fn with_final_newline(text: &str) -> String {
-    if text.ends_with('\n') {
-        text.to_string()
-    } else {
-        format!("{text}\n")
-    }
+    let kept = lines.iter().copied().filter(|line| !for_key(line));
+    join_lines(kept.chain([entry.as_str()]))
 }
 
 /// The key in an authorized_keys line, past any options.
@@ -213,48 +208,53 @@ pub struct Pinned {
 }
 
 /// `current` (a known_hosts file) with `key` pinned for `host`. An earlier
-/// key of the same type for the host is replaced (and reported).
+/// key of the same type for the host is replaced (and reported); a line that
+/// also names other hosts keeps them, without this one. Every other line
+/// stays as it is, byte for byte.
 pub fn known_hosts_with(current: &str, host: Ipv4Addr, key: &PublicKey) -> Pinned {
     let host = host.to_string();
-    let same_type_for_host: Vec<&str> = current
-        .lines()
-        .filter(|line| {
-            let words: Vec<&str> = line.split_whitespace().collect();
-            words
-                .first()
-                .is_some_and(|h| h.split(',').any(|h| h == host))
-                && words.get(1) == Some(&key.key_type.as_str())
-        })
-        .collect();
+    let lines: Vec<&str> = config_lines(current).collect();
+    // (hosts, rest) of a line that pins a key of this type for this host.
+    let for_host = |line: &str| -> Option<(Vec<String>, String)> {
+        let line = line_content(line);
+        let (hosts, rest) = line.split_once(char::is_whitespace)?;
+        let names: Vec<&str> = hosts.split(',').collect();
+        let rest = rest.trim_start();
+        (names.contains(&host.as_str()) && rest.split_whitespace().next() == Some(&key.key_type))
+            .then(|| {
+                let others = names.iter().filter(|h| **h != host).map(|h| h.to_string());
+                (others.collect(), rest.to_string())
+            })
+    };
+    let pins: Vec<(Vec<String>, String)> = lines.iter().filter_map(|l| for_host(l)).collect();
     // Already pinned, alone: leave the file as it is. ssh itself appends the
     // peer's other host keys after it (UpdateHostKeys); they are no change.
-    if same_type_for_host.len() == 1
-        && same_type_for_host[0].split_whitespace().nth(2) == Some(key.base64.as_str())
-    {
-        return Pinned {
-            text: with_final_newline(current),
-            replaced: None,
-        };
-    }
-    let mut replaced = None;
-    let mut lines: Vec<String> = Vec::new();
-    for line in current.lines() {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let for_host = words
-            .first()
-            .is_some_and(|hosts| hosts.split(',').any(|h| h == host));
-        if for_host && words.get(1) == Some(&key.key_type.as_str()) {
-            if words.get(2) != Some(&key.base64.as_str()) {
-                replaced = words.get(2).map(|k| format!("{} {k}", key.key_type));
-            }
-            continue;
+    if let [(_, rest)] = pins.as_slice() {
+        if rest.split_whitespace().nth(1) == Some(key.base64.as_str()) {
+            return Pinned {
+                text: join_lines(lines),
+                replaced: None,
+            };
         }
-        lines.push(line.to_string());
     }
-    lines.push(format!("{host} {}", key.material()));
-    let mut text = lines.join("\n");
-    text.push('\n');
-    Pinned { text, replaced }
+    let replaced = pins
+        .iter()
+        .filter_map(|(_, rest)| rest.split_whitespace().nth(1))
+        .find(|k| *k != key.base64)
+        .map(|k| format!("{} {k}", key.key_type));
+    let mut kept: Vec<String> = Vec::new();
+    for line in &lines {
+        match for_host(line) {
+            None => kept.push(line.to_string()),
+            Some((others, _)) if others.is_empty() => {}
+            Some((others, rest)) => kept.push(format!("{} {rest}", others.join(","))),
+        }
+    }
+    kept.push(format!("{host} {}", key.material()));
+    Pinned {
+        text: join_lines(kept.iter().map(String::as_str)),
+        replaced,
+    }
 }
 
 /// An ed25519 key pair on disk: `<dir>/id_ed25519` and its `.pub`.
@@ -474,6 +474,30 @@ mod tests {
         assert_eq!(out.stdout, "", "the forged config was printed: {line}");
         assert!(out.stderr.contains("No such file"), "{}", out.stderr);
         assert_eq!(remote_command(&["cat", "/etc/x"]), "cat /etc/x");
+    }
+
+    #[test]
+    fn edits_keep_every_other_line_byte_for_byte() {
+        let a = PublicKey::parse(KEY_A).unwrap();
+        let peer = Ipv4Addr::new(198, 18, 0, 12);
+        let crlf = "ssh-rsa AAAAB3Nza other\r\n# note\r";
+        let edited = authorized_keys_with(crlf, &a, peer);
+        assert!(
+            edited.starts_with("ssh-rsa AAAAB3Nza other\r\n# note\r\n"),
+            "{edited:?}"
+        );
+        assert_eq!(authorized_keys_with(&edited, &a, peer), edited);
+        let shared = "198.18.0.99,198.18.0.12 ssh-ed25519 AAAAold\n";
+        let pinned = known_hosts_with(shared, peer, &a);
+        assert_eq!(
+            pinned.text,
+            format!(
+                "198.18.0.99 ssh-ed25519 AAAAold\n198.18.0.12 {}\n",
+                a.material()
+            )
+        );
+        assert_eq!(pinned.replaced, Some("ssh-ed25519 AAAAold".into()));
+        assert_eq!(known_hosts_with(&pinned.text, peer, &a).text, pinned.text);
     }
 
     #[test]

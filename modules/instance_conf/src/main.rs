@@ -22,7 +22,7 @@ const SPEC: Spec = Spec {
 
 #[derive(Debug, Deserialize)]
 #[cfg_attr(test, derive(serde::Serialize))]
-struct Args {
+pub(crate) struct Args {
     /// Dotted key, e.g. `cluster.protected_instance`.
     key: String,
     /// The value to set; without it (and with state=present) the key is read.
@@ -159,7 +159,7 @@ fn instance_conf(args: Args, ctx: &mut Context) -> Result<Outcome> {
 ///   JSON, else a string; `True`/`False` work for booleans, as in the seed);
 /// - `instance_conf KEY --unset` removes it;
 /// - `--path FILE` anywhere names another config file.
-fn shorthand(words: &[String]) -> Result<Map<String, Value>, String> {
+pub(crate) fn shorthand(words: &[String]) -> Result<Map<String, Value>, String> {
     let mut options = Map::new();
     let mut words = words.iter();
     while let Some(word) = words.next() {

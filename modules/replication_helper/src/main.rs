@@ -33,7 +33,7 @@ const KNOWN_HOSTS_MODE: u32 = 0o600;
 
 #[derive(Debug, Deserialize)]
 #[cfg_attr(test, derive(serde::Serialize))]
-struct Args {
+pub(crate) struct Args {
     #[serde(default = "account::default_name")]
     account: String,
     /// The peer cluster account's public key (its `cluster_generate_keys`).

@@ -26,7 +26,7 @@ const SPEC: Spec = Spec {
 
 #[derive(Debug, Deserialize)]
 #[cfg_attr(test, derive(Serialize))]
-struct Args {
+pub(crate) struct Args {
     /// The hosts to check; `cluster.hosts` when not given.
     #[serde(default)]
     hosts: Option<Vec<String>>,

@@ -32,7 +32,7 @@ use serde_json::{Map, Value};
 pub use args::{ansible_bool, ansible_bool_value, field_names, Seconds};
 pub use output::{excerpt, Diff, Outcome};
 
-pub use input::{Call, Invocation, Source};
+pub use input::{parse_argv, parse_object, utf8_argv, Call, Invocation, Source};
 
 /// Exit code of a module that ran and failed.
 pub const EXIT_FAILED: u8 = 1;
@@ -221,6 +221,23 @@ where
         interactive: ctx.interactive,
         report,
     }
+}
+
+/// What the protocol alone makes of `text` as a call's options: the JSON a
+/// call prints when its module does nothing with them (`"parsed"`), or the
+/// failure. For the fuzzers of every module's argument parsing.
+pub fn reply_without_module<A: DeserializeOwned>(text: &str) -> Value {
+    let mut reply = match input::parse_object(text, "the options") {
+        Ok(options) => execute(
+            options,
+            &Call::default(),
+            Terminal::default(),
+            |_: A, _: &mut Context| Ok(Outcome::unchanged("parsed")),
+        ),
+        Err(msg) => Reply::bad_args(msg, false),
+    };
+    crate::secret::scrub_value(&mut reply.json);
+    reply.json
 }
 
 thread_local! {
