@@ -6,13 +6,13 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 use hapair_tests::pair::{
     add_secondary, make_foreign_cluster, primary_mode_args, replicate, set_protected, sql, trust,
     REPLICATION_PASSWORD,
 };
-use hapair_tests::{ensure_eq, exchange_keys, suite, wait_for, Fleet, Host, Test, MODULE_DIR};
-use serde_json::json;
+use hapair_tests::{ensure_eq, exchange_keys, suite, wait_for, Fleet, Host, Test};
+use serde_json::{json, Value};
 
 const TESTS: &[Test] = &[
     (
@@ -371,18 +371,21 @@ fn lock_and_orphan(fleet: &Fleet) -> Result<()> {
     primary.sh("runuser -u postgres -- pgbench -q -i -s 10 postgres")?;
     make_foreign_cluster(secondary)?;
     set_protected(secondary, false)?;
-    // A slow copy, started by Ansible's own async wrapper, as the playbook
+    // A slow copy, started by Ansible as an async task, as the playbook
     // starts step 8.
-    let args = json!({"primary_address": primary.ip, "replication_password": REPLICATION_PASSWORD,
-                      "max_rate": "2M"});
-    secondary.write("/tmp/slow.json", &args.to_string())?;
-    secondary.copy_in(&async_wrapper()?, "/tmp/async_wrapper.py")?;
-    let started = secondary.sh(&format!(
-        "ANSIBLE_ASYNC_DIR=/tmp/async python3 /tmp/async_wrapper.py 7 3600 \
-         {MODULE_DIR}/cluster_replicate_postgres /tmp/slow.json"
-    ))?;
-    let job: serde_json::Value = serde_json::from_str(started.trim())?;
-    let results = job["results_file"].as_str().unwrap_or_default().to_string();
+    let started = ansible(
+        fleet,
+        "cluster_replicate_postgres",
+        &format!(
+            "primary_address={} replication_password={REPLICATION_PASSWORD} max_rate=2M",
+            primary.ip
+        ),
+        &["-B", "3600", "-P", "0"],
+    )?;
+    let job = started["ansible_job_id"]
+        .as_str()
+        .with_context(|| format!("no async job: {started}"))?
+        .to_string();
     wait_for("pg_basebackup to run", Duration::from_secs(30), || {
         secondary.succeeds("pgrep -x pg_basebackup >/dev/null")
     })?;
@@ -394,13 +397,18 @@ fn lock_and_orphan(fleet: &Fleet) -> Result<()> {
         );
     }
     // The module dies; its copy goes on, holding the slot.
-    // ([c]: the pattern must not match this very shell's command line.)
-    secondary.sh("pkill -KILL -f '[c]luster_replicate_postgres /tmp/slow.json'")?;
-    // The job is seen to have died at once, not polled for its hour.
-    wait_for("the async job to end", Duration::from_secs(15), || {
-        let job = secondary.sh(&format!("cat {results}"))?;
-        Ok(job.contains("\"failed\": true") && !job.contains("\"started\""))
-    })?;
+    // Only the module: its command line starts with its own path (the
+    // async wrapper's starts with python3, and this shell's with sh).
+    secondary.sh("pkill -KILL -f '^[^ ]*AnsiballZ_cluster_replicate_postgres '")?;
+    // Ansible sees the job die at once, rather than polling it for its hour.
+    wait_for(
+        "async_status to see the job end",
+        Duration::from_secs(20),
+        || {
+            let status = ansible(fleet, "async_status", &format!("jid={job}"), &[])?;
+            Ok(status["finished"] == 1 && status["failed"] == true)
+        },
+    )?;
     ensure_eq!(
         secondary.succeeds("pgrep -x pg_basebackup >/dev/null")?,
         true
@@ -423,21 +431,30 @@ fn lock_and_orphan(fleet: &Fleet) -> Result<()> {
     Ok(())
 }
 
-/// ansible-core's async_wrapper, from the venv `make venv` made.
-fn async_wrapper() -> Result<std::path::PathBuf> {
-    let venv = hapair_tests::repo_root().join(".venv/lib");
-    for entry in std::fs::read_dir(&venv)? {
-        let path = entry?
-            .path()
-            .join("site-packages/ansible/modules/async_wrapper.py");
-        if path.is_file() {
-            return Ok(path);
-        }
-    }
-    bail!(
-        "no async_wrapper.py under {}: run `make venv`",
-        venv.display()
-    )
+/// One ad-hoc Ansible task on the fleet's secondary, as an operator would
+/// run it: its result for that host.
+fn ansible(fleet: &Fleet, module: &str, args: &str, extra: &[&str]) -> Result<Value> {
+    let root = hapair_tests::repo_root();
+    let output = std::process::Command::new(root.join(".venv/bin/ansible"))
+        .arg("secondary")
+        .arg("-i")
+        .arg(fleet.inventory())
+        .args(["-m", module, "-a", args])
+        .args(extra)
+        .env("ANSIBLE_CONFIG", root.join("ansible.cfg"))
+        .env("ANSIBLE_LOAD_CALLBACK_PLUGINS", "1")
+        .env("ANSIBLE_STDOUT_CALLBACK", "json")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("can't run .venv/bin/ansible: run `make venv`")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let run: Value =
+        serde_json::from_str(&text).with_context(|| format!("ansible printed no JSON: {text}"))?;
+    let hosts = &run["plays"][0]["tasks"][0]["hosts"];
+    hosts
+        .as_object()
+        .and_then(|h| h.values().next().cloned())
+        .with_context(|| format!("no result for the secondary: {text}"))
 }
 
 fn tablespaces(fleet: &Fleet) -> Result<()> {

@@ -20,7 +20,11 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(again.render(), rendered);
         let _ = config.is_protected();
         if let Ok(key) = Key::parse(key_text) {
-            let value = serde_json::Value::String(config_text.chars().take(32).collect());
+            // The value: the text itself as JSON when it is JSON (nested,
+            // perhaps deeply), else its first characters as a string.
+            let value = serde_json::from_str(config_text).unwrap_or_else(|_| {
+                serde_json::Value::String(config_text.chars().take(32).collect())
+            });
             if let Ok(value) = key.coerce(value) {
                 let mut changed = config.clone();
                 if changed.set(key.name, value.clone()).is_ok() {

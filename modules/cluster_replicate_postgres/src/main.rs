@@ -1,18 +1,18 @@
 //! `cluster_replicate_postgres`: seed step 8, on the secondary.
 //!
 //! Makes this host's PostgreSQL a streaming standby of the primary, without
-//! ever putting its current data at risk:
+//! ever putting its current data at risk. One run at a time: a lock, and
+//! what a killed run left running (its pg_basebackup, holding the slot) is
+//! ended first. Then:
 //! 1. Already streaming from this primary, through this host's slot, with
 //!    the primary's system identifier: nothing to do, nothing touched.
 //! 2. A protected instance is refused.
 //! 3. The primary is checked before anything changes here: reachable, a
 //!    replication login, `wal_level`, this host's slot.
-//! 4. One run at a time: a lock, and what a killed run left running (its
-//!    pg_basebackup, holding the slot) is ended first.
-//! 5. pg_basebackup copies into a new directory beside the data directory,
+//! 4. pg_basebackup copies into a new directory beside the data directory,
 //!    and each tablespace beside its own directory. The copy is verified
 //!    (the primary's system identifier) before it is used.
-//! 6. Protection is checked again, PostgreSQL stops, the copy is swapped in,
+//! 5. Protection is checked again, PostgreSQL stops, the copy is swapped in,
 //!    and PostgreSQL starts as a standby. Only once `pg_stat_wal_receiver`
 //!    shows streaming is the old data removed (or kept, with
 //!    `keep_old_data`).
@@ -154,17 +154,19 @@ impl Replaced {
     }
 
     /// Puts `.hapair-old` back, keeping what was live as a failed copy.
-    /// Returns where the failed copy is, if there was one.
+    /// Returns where the failed copy is, if there was one. With nothing set
+    /// aside, what is live is the old data, and stays.
     fn put_back(&self) -> Result<Option<PathBuf>> {
+        if !self.exists(&self.aside(OLD))? {
+            return Ok(None);
+        }
         let mut kept = None;
         if self.exists(&self.name)? {
             let failed = self.aside(&format!("{FAILED}-{}", files::unix_time()));
             self.parent.rename(&self.name, &failed)?;
             kept = Some(self.parent.path().join(failed));
         }
-        if self.exists(&self.aside(OLD))? {
-            self.parent.rename(&self.aside(OLD), &self.name)?;
-        }
+        self.parent.rename(&self.aside(OLD), &self.name)?;
         Ok(kept)
     }
 }
@@ -290,6 +292,22 @@ fn cluster_replicate_postgres(args: Args, ctx: &mut Context) -> Result<Outcome> 
         Some(postgres_owner),
     )?;
 
+    // One run at a time, from here on: even the recovery below must not
+    // race a run that is swapping. Check mode changes nothing, and takes
+    // no lock.
+    let lock = match ctx.check_mode {
+        true => None,
+        false => Some(RunLock::take(
+            &lock_name(&data_dir),
+            "cluster_replicate_postgres",
+        )?),
+    };
+    if let Some(group) = lock.as_ref().and_then(|l| l.ended_orphan) {
+        ctx.warn(format!(
+            "a killed earlier run had left its copy running (process group {group}); it was ended"
+        ));
+    }
+
     // 0. A run killed between its two renames left the data set aside: it
     // is the last good copy, and goes back first.
     let recovered = !step.data.exists(&step.data.name)?;
@@ -373,14 +391,6 @@ fn cluster_replicate_postgres(args: Args, ctx: &mut Context) -> Result<Outcome> 
         .with("slot_name", &step.slot));
     }
 
-    // 4. One run at a time.
-    let lock = RunLock::take(&lock_name(&data_dir), "cluster_replicate_postgres")?;
-    if let Some(group) = lock.ended_orphan {
-        ctx.warn(format!(
-            "a killed earlier run had left its copy running (process group {group}); it was ended"
-        ));
-    }
-
     // A run killed after its swap: the copy is live, the old data beside it.
     if step.data.exists(&step.data.aside(OLD))? {
         return finish_interrupted(&step, ctx, files, &primary_id);
@@ -388,7 +398,7 @@ fn cluster_replicate_postgres(args: Args, ctx: &mut Context) -> Result<Outcome> 
 
     // 5. Copy beside the live data, and verify the copy.
     let started = Instant::now();
-    let record = copy(&step, &lock, ctx.interactive)?;
+    let record = copy(&step, lock.as_ref(), ctx.interactive)?;
     let copied = Replaced::open(&step.data.aside_path(NEW))?;
     let copied_id = control_system_identifier(&step.bin_dir, &copied.path)?;
     if copied_id != primary_id {
@@ -639,7 +649,7 @@ fn name_failed_copies(step: &Step, ctx: &mut Context) -> Result<()> {
 /// Copies the primary beside the live data with pg_basebackup. A tablespace
 /// whose directory here is not empty is copied beside it too: pg_basebackup
 /// names it, and the copy starts again with it mapped.
-fn copy(step: &Step, lock: &RunLock, interactive: bool) -> Result<CopyRecord> {
+fn copy(step: &Step, lock: Option<&RunLock>, interactive: bool) -> Result<CopyRecord> {
     let new = step.data.aside_path(NEW);
     let mut record = CopyRecord::default();
     loop {
@@ -673,7 +683,9 @@ fn copy(step: &Step, lock: &RunLock, interactive: bool) -> Result<CopyRecord> {
             command = command.args(["--max-rate", rate]);
         }
         let result = command.run_in_own_group(|group| {
-            let _ = lock.record_group(group);
+            if let Some(lock) = lock {
+                let _ = lock.record_group(group);
+            }
         });
         let error = match result {
             Ok(_) => return Ok(record),
@@ -908,6 +920,26 @@ mod tests {
         assert!(settings.contains("sslmode=''require'' channel_binding=''require''"));
         assert!(standby_settings(&upstream, "s", Path::new("/a\nrestore_command=x")).is_err());
         assert!(!settings.contains("a:b"));
+    }
+
+    #[test]
+    fn putting_back_never_moves_live_data_that_was_never_set_aside() {
+        let dir = std::env::temp_dir().join(format!("hapair-swap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("main")).unwrap();
+        std::fs::write(dir.join("main/PG_VERSION"), "15\n").unwrap();
+        let data = Replaced::open(&dir.join("main")).unwrap();
+        // A swap whose first rename failed: nothing is at .hapair-old.
+        assert_eq!(data.put_back().unwrap(), None);
+        assert!(dir.join("main/PG_VERSION").exists());
+        assert!(data.failed_copies().unwrap().is_empty());
+        // A swap that went through: the old data comes back, the copy is kept.
+        std::fs::create_dir(dir.join("main.hapair-new")).unwrap();
+        data.swap_in().unwrap();
+        let kept = data.put_back().unwrap().unwrap();
+        assert!(dir.join("main/PG_VERSION").exists());
+        assert_eq!(data.failed_copies().unwrap(), vec![kept]);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

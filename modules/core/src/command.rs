@@ -89,15 +89,7 @@ impl Command {
     /// Runs the program and fails unless it exits 0.
     pub fn run(&self) -> Result<Output> {
         let output = self.output()?;
-        if !output.success() {
-            bail!(
-                "`{}` {}: {}",
-                self.display(),
-                describe(&output),
-                said(&output)
-            );
-        }
-        Ok(output)
+        self.succeeded(output)
     }
 
     /// Runs the program and returns what it printed, whatever its status.
@@ -188,6 +180,12 @@ impl Command {
             stdout: stdout.join().unwrap_or_default(),
             stderr: stderr.join().unwrap_or_default(),
         };
+        self.succeeded(output)
+    }
+
+    /// `output`, or an error naming the command, its status and what it
+    /// said, unless it exited 0.
+    fn succeeded(&self, output: Output) -> Result<Output> {
         if !output.success() {
             bail!(
                 "`{}` {}: {}",

@@ -111,6 +111,23 @@ pub const KEYS: &[KeySpec] = &[
     },
 ];
 
+/// How deep the config's JSON may nest: well within what serde_json reads
+/// back (128), so that whatever is written loads again.
+const MAX_DEPTH: usize = 64;
+
+/// How deep `value` nests: 0 for a scalar.
+fn depth(value: &Value) -> usize {
+    match value {
+        Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+        Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// The most dotted parts a key may have, and its longest name.
+pub const MAX_KEY_DEPTH: usize = 16;
+pub const MAX_KEY_LEN: usize = 256;
+
 /// A checked key: its syntax is valid, and a key in hapair's namespace is
 /// one hapair knows.
 #[derive(Debug, Clone, Copy)]
@@ -126,6 +143,15 @@ impl<'a> Key<'a> {
                 && s.chars()
                     .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
         };
+        // Bounded, so that every config hapair writes also loads again
+        // (serde_json refuses JSON nested deeper than 128).
+        if name.len() > MAX_KEY_LEN || name.split('.').count() > MAX_KEY_DEPTH {
+            bail!(
+                "{:?} is too long a key: at most {MAX_KEY_DEPTH} dotted parts and \
+                 {MAX_KEY_LEN} characters",
+                crate::protocol::excerpt(name)
+            );
+        }
         if !name.split('.').all(valid_segment) {
             bail!(
                 "{name:?} is not a valid key: use dotted names of letters, digits, _ and -, \
@@ -333,9 +359,16 @@ impl InstanceConfig {
         !matches!(self.stored(PROTECTED), Some(Value::Bool(false)))
     }
 
-    /// Stores `value` at `key`, creating the objects on the way.
+    /// Stores `value` at `key`, creating the objects on the way. A value
+    /// nested so deep that the config would not load again is refused.
     pub fn set(&mut self, key: &str, value: Value) -> Result<()> {
         let segments: Vec<&str> = key.split('.').collect();
+        if segments.len() + depth(&value) > MAX_DEPTH {
+            bail!(
+                "can't set {key}: the value is nested too deep (at most {MAX_DEPTH} levels in \
+                 all, key included)"
+            );
+        }
         let (leaf, parents) = segments.split_last().context("empty key")?;
         let mut node = &mut self.root;
         for (depth, segment) in parents.iter().enumerate() {
@@ -429,6 +462,25 @@ mod tests {
             path: "/nonexistent".into(),
             root: root.as_object().unwrap().clone(),
         }
+    }
+
+    #[test]
+    fn keys_are_bounded_so_that_what_is_set_loads_again() {
+        let deep = vec!["a"; 200].join(".");
+        assert!(Key::parse(&deep)
+            .unwrap_err()
+            .to_string()
+            .contains("too long"));
+        let ok = vec!["a"; MAX_KEY_DEPTH].join(".");
+        let key = Key::parse(&ok).unwrap();
+        let path = Path::new("/etc/hapair/instance.json");
+        let mut config = InstanceConfig::parse(path, "").unwrap();
+        config.set(key.name, Value::Bool(true)).unwrap();
+        let again = InstanceConfig::parse(path, &config.render()).unwrap();
+        assert_eq!(again.value(&key), Some(Value::Bool(true)));
+        let nested: Value =
+            serde_json::from_str(&format!("{}{}", "[".repeat(100), "]".repeat(100))).unwrap();
+        assert!(config.set("custom.deep", nested).is_err());
     }
 
     #[test]
