@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use hapair_tests::pair::{
-    add_secondary, make_foreign_cluster, primary_mode_args, replicate, set_protected, sql, trust,
+    make_foreign_cluster, primary_mode_args, ready_for_step8, replicate, set_protected, sql, trust,
     REPLICATION_PASSWORD,
 };
 use hapair_tests::{ensure_eq, exchange_keys, suite, wait_for, Fleet, Host, Test};
@@ -55,6 +55,10 @@ const TESTS: &[Test] = &[
     (
         "step8_never_runs_twice_and_ends_what_a_killed_run_left",
         lock_and_orphan,
+    ),
+    (
+        "step8_a_killed_pg_basebackup_fails_the_run_at_once",
+        killed_copy,
     ),
     (
         "step8_tablespaces_are_copied_beside_and_can_be_reseeded",
@@ -262,8 +266,7 @@ fn bad_role_name(fleet: &Fleet) -> Result<()> {
 
 fn mount_point(fleet: &Fleet) -> Result<()> {
     let (primary, secondary) = (fleet.host("primary"), fleet.host("secondary"));
-    set_protected(secondary, false)?;
-    add_secondary(primary, secondary)?.ok()?;
+    ready_for_step8(primary, secondary)?;
     sql(
         secondary,
         "create table if not exists marker (note text); insert into marker values ('mine')",
@@ -290,8 +293,7 @@ fn mount_point(fleet: &Fleet) -> Result<()> {
 
 fn trailing_slash(fleet: &Fleet) -> Result<()> {
     let (primary, secondary) = (fleet.host("primary"), fleet.host("secondary"));
-    set_protected(secondary, false)?;
-    add_secondary(primary, secondary)?.ok()?;
+    ready_for_step8(primary, secondary)?;
     let run = replicate(secondary, primary, json!({"data_dir": format!("{DATA}/")}))?.ok()?;
     ensure_eq!(run.changed(), true);
     ensure_eq!(
@@ -309,6 +311,7 @@ fn trailing_slash(fleet: &Fleet) -> Result<()> {
 
 fn leftovers(fleet: &Fleet) -> Result<()> {
     let (primary, secondary) = (fleet.host("primary"), fleet.host("secondary"));
+    ready_for_step8(primary, secondary)?;
     // Killed after the swap, before removing the old data: the copy streams,
     // so the old data is no longer the last good copy.
     secondary.sh(&format!(
@@ -368,27 +371,13 @@ fn leftovers(fleet: &Fleet) -> Result<()> {
 
 fn lock_and_orphan(fleet: &Fleet) -> Result<()> {
     let (primary, secondary) = (fleet.host("primary"), fleet.host("secondary"));
+    ready_for_step8(primary, secondary)?;
     primary.sh("runuser -u postgres -- pgbench -q -i -s 10 postgres")?;
     make_foreign_cluster(secondary)?;
     set_protected(secondary, false)?;
     // A slow copy, started by Ansible as an async task, as the playbook
     // starts step 8.
-    let started = ansible(
-        fleet,
-        "cluster_replicate_postgres",
-        &format!(
-            "primary_address={} replication_password={REPLICATION_PASSWORD} max_rate=2M",
-            primary.ip
-        ),
-        &["-B", "3600", "-P", "0"],
-    )?;
-    let job = started["ansible_job_id"]
-        .as_str()
-        .with_context(|| format!("no async job: {started}"))?
-        .to_string();
-    wait_for("pg_basebackup to run", Duration::from_secs(30), || {
-        secondary.succeeds("pgrep -x pg_basebackup >/dev/null")
-    })?;
+    let job = start_slow_copy(fleet)?;
     let second = replicate(secondary, primary, json!({}))?;
     if !second.failed() || !second.msg().contains("another run") {
         bail!(
@@ -401,14 +390,7 @@ fn lock_and_orphan(fleet: &Fleet) -> Result<()> {
     // async wrapper's starts with python3, and this shell's with sh).
     secondary.sh("pkill -KILL -f '^[^ ]*AnsiballZ_cluster_replicate_postgres '")?;
     // Ansible sees the job die at once, rather than polling it for its hour.
-    wait_for(
-        "async_status to see the job end",
-        Duration::from_secs(20),
-        || {
-            let status = ansible(fleet, "async_status", &format!("jid={job}"), &[])?;
-            Ok(status["finished"] == 1 && status["failed"] == true)
-        },
-    )?;
+    job_failed(fleet, &job)?;
     ensure_eq!(
         secondary.succeeds("pgrep -x pg_basebackup >/dev/null")?,
         true
@@ -431,8 +413,85 @@ fn lock_and_orphan(fleet: &Fleet) -> Result<()> {
     Ok(())
 }
 
+/// Starts a slow step 8 on the secondary as Ansible starts it (an async
+/// task); returns the job's id once pg_basebackup runs.
+fn start_slow_copy(fleet: &Fleet) -> Result<String> {
+    let (primary, secondary) = (fleet.host("primary"), fleet.host("secondary"));
+    let started = ansible(
+        fleet,
+        "cluster_replicate_postgres",
+        &format!(
+            "primary_address={} replication_password={REPLICATION_PASSWORD} max_rate=2M",
+            primary.ip
+        ),
+        &["-B", "3600", "-P", "0"],
+    )?;
+    let job = started["ansible_job_id"]
+        .as_str()
+        .with_context(|| format!("no async job: {started}"))?
+        .to_string();
+    wait_for("pg_basebackup to run", Duration::from_secs(30), || {
+        secondary.succeeds("pgrep -x pg_basebackup >/dev/null")
+    })?;
+    Ok(job)
+}
+
+/// Waits until Ansible's async_status says the job ended in failure; its
+/// result.
+fn job_failed(fleet: &Fleet, job: &str) -> Result<Value> {
+    let mut status = Value::Null;
+    let seen = wait_for(
+        "async_status to see the job end",
+        Duration::from_secs(30),
+        || {
+            status = ansible(fleet, "async_status", &format!("jid={job}"), &[])?;
+            Ok(status["finished"] == true && status["failed"] == true)
+        },
+    );
+    match seen {
+        Ok(()) => Ok(status),
+        Err(e) => bail!("{e:#}; async_status says {status}"),
+    }
+}
+
+fn killed_copy(fleet: &Fleet) -> Result<()> {
+    let (primary, secondary) = (fleet.host("primary"), fleet.host("secondary"));
+    ready_for_step8(primary, secondary)?;
+    primary.sh("runuser -u postgres -- pgbench -q -i -s 10 postgres")?;
+    make_foreign_cluster(secondary)?;
+    let job = start_slow_copy(fleet)?;
+    // pg_basebackup itself dies; its WAL streamer (its child) lives on.
+    secondary.sh("kill -KILL $(pgrep -o -x pg_basebackup)")?;
+    let status = job_failed(fleet, &job)?;
+    if !status["msg"].to_string().contains("nothing was lost") {
+        bail!("the failed copy does not say the data is safe: {status}");
+    }
+    ensure_eq!(
+        secondary.succeeds("pgrep -x pg_basebackup >/dev/null")?,
+        false
+    );
+    wait_for("the slot to be free", Duration::from_secs(10), || {
+        Ok(sql(
+            primary,
+            "select count(*) from pg_replication_slots where active",
+        )? == "0")
+    })?;
+    ensure_eq!(sql(secondary, "select note from marker")?, "foreign");
+    ensure_eq!(
+        secondary.sh(&format!("ls -d {DATA}.hapair-* 2>/dev/null || true"))?,
+        ""
+    );
+    replicate(secondary, primary, json!({}))?.ok()?;
+    ensure_eq!(
+        sql(secondary, "select status from pg_stat_wal_receiver")?,
+        "streaming"
+    );
+    Ok(())
+}
+
 /// One ad-hoc Ansible task on the fleet's secondary, as an operator would
-/// run it: its result for that host.
+/// run it: its result for that host (what ansible prints after `=>`), with
+/// `failed` set from the state it prints before (`FAILED!`).
 fn ansible(fleet: &Fleet, module: &str, args: &str, extra: &[&str]) -> Result<Value> {
     let root = hapair_tests::repo_root();
     let output = std::process::Command::new(root.join(".venv/bin/ansible"))
@@ -442,23 +501,23 @@ fn ansible(fleet: &Fleet, module: &str, args: &str, extra: &[&str]) -> Result<Va
         .args(["-m", module, "-a", args])
         .args(extra)
         .env("ANSIBLE_CONFIG", root.join("ansible.cfg"))
-        .env("ANSIBLE_LOAD_CALLBACK_PLUGINS", "1")
-        .env("ANSIBLE_STDOUT_CALLBACK", "json")
+        .env("ANSIBLE_NOCOLOR", "1")
         .stdin(std::process::Stdio::null())
         .output()
         .context("can't run .venv/bin/ansible: run `make venv`")?;
     let text = String::from_utf8_lossy(&output.stdout);
-    let run: Value =
-        serde_json::from_str(&text).with_context(|| format!("ansible printed no JSON: {text}"))?;
-    let hosts = &run["plays"][0]["tasks"][0]["hosts"];
-    hosts
-        .as_object()
-        .and_then(|h| h.values().next().cloned())
-        .with_context(|| format!("no result for the secondary: {text}"))
+    let (state, json) = text
+        .split_once(" => ")
+        .with_context(|| format!("ansible printed no result: {text}"))?;
+    let mut result: Value =
+        serde_json::from_str(json).with_context(|| format!("ansible printed no JSON: {text}"))?;
+    result["failed"] = json!(state.ends_with("FAILED!"));
+    Ok(result)
 }
 
 fn tablespaces(fleet: &Fleet) -> Result<()> {
     let (primary, secondary) = (fleet.host("primary"), fleet.host("secondary"));
+    ready_for_step8(primary, secondary)?;
     // The secondary stops streaming first: it must not replay the
     // primary's tablespace into its own directory.
     make_foreign_cluster(secondary)?;
