@@ -301,6 +301,25 @@ fn ha_setup(fleet: &Fleet) -> Result<()> {
             .trim()
             == "from the primary")
     })?;
+    // Step 9: the secondary's Redis is a read-only replica, and a key set
+    // on the primary arrives.
+    let inventory = std::fs::read_to_string(fleet.inventory())?;
+    let redis_password = inventory
+        .lines()
+        .find_map(|l| l.strip_prefix("hapair_redis_password="))
+        .context("the fleet inventory has no Redis password")?;
+    let redis = |host: &Host, command: &str| {
+        host.sh(&format!(
+            "REDISCLI_AUTH='{redis_password}' redis-cli --no-auth-warning {command}"
+        ))
+    };
+    redis(primary, "SET e2e 'from the primary'")?;
+    wait_for("the key on the secondary", Duration::from_secs(30), || {
+        Ok(redis(secondary, "GET e2e")?.trim() == "from the primary")
+    })?;
+    if !redis(secondary, "SET e2e other")?.contains("READONLY") {
+        bail!("the secondary's Redis takes writes");
+    }
     let started = |host: &Host| psql(host, "select pg_postmaster_start_time()");
     let start_times = (started(primary)?, started(secondary)?);
     let set_up = [

@@ -24,6 +24,7 @@ modules!(
     cluster_add_secondary => "../../modules/cluster_add_secondary/src/main.rs",
     cluster_enter_primary_mode => "../../modules/cluster_enter_primary_mode/src/main.rs",
     cluster_generate_keys => "../../modules/cluster_generate_keys/src/main.rs",
+    cluster_kvstore_copy => "../../modules/cluster_kvstore_copy/src/main.rs",
     cluster_preflight => "../../modules/cluster_preflight/src/main.rs",
     cluster_replicate_postgres => "../../modules/cluster_replicate_postgres/src/main.rs",
     instance_conf => "../../modules/instance_conf/src/main.rs",

@@ -117,7 +117,7 @@ fn cluster_enter_primary_mode(args: Args, ctx: &mut Context) -> Result<Outcome> 
     let redis_owner = redis_config.owner;
     files.secret_file(
         &redis_dropin,
-        |_| redis_dropin_text(&args, address),
+        |_| redis::dropin_text(SPEC.name, address, &args.redis_password, None),
         0o640,
         Some(redis_owner),
     )?;
@@ -236,17 +236,6 @@ fn postgres_dropin(args: &Args, address: Ipv4Addr) -> String {
          max_slot_wal_keep_size = '{}'\n\
          hot_standby = 'on'\n",
         args.max_wal_senders, args.max_replication_slots, args.max_slot_wal_keep_size
-    )
-}
-
-fn redis_dropin_text(args: &Args, address: Ipv4Addr) -> String {
-    // masterauth too: after a failover this host replicates from the other.
-    let password = redis::quote(args.redis_password.expose());
-    format!(
-        "# Written by hapair's cluster_enter_primary_mode: changes here are overwritten.\n\
-         bind 127.0.0.1 -::1 {address}\n\
-         requirepass {password}\n\
-         masterauth {password}\n"
     )
 }
 

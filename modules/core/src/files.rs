@@ -135,6 +135,13 @@ impl Dir {
         let mut at = PathBuf::from("/");
         let mut links = 0;
         while let Some(name) = pending.pop() {
+            if name == ".." {
+                // Only from a link root made: the parent, found by the
+                // kernel, as no link was followed on the way here.
+                fd = open_dir_fd(&fd, "..").map_err(|e| io_error(e, &at))?;
+                at.pop();
+                continue;
+            }
             let stat = rustix::fs::statat(&fd, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW)
                 .map_err(|e| io_error(e, &at.join(&name)))?;
             match FileType::from_raw_mode(stat.st_mode) {
@@ -172,11 +179,6 @@ impl Dir {
                             _ => {}
                         }
                     }
-                }
-                _ if name == ".." => {
-                    // Only from a link root made: its parent, lexically.
-                    at.pop();
-                    fd = open_dir_fd(rustix::fs::CWD, &at).map_err(|e| io_error(e, &at))?;
                 }
                 _ => bail!("{} is not a directory", at.join(&name).display()),
             }
@@ -884,6 +886,16 @@ mod tests {
         // /proc/self -> <pid>, in root's /proc: a link made by the system.
         let dir = Dir::open(Path::new("/proc/self")).unwrap();
         assert!(dir.state(OsStr::new("status")).unwrap().is_some());
+        // A relative link with '..', in a directory only root can write.
+        let root_dir = std::env::temp_dir().join(format!("hapair-rootlink-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root_dir);
+        fs::create_dir_all(root_dir.join("real/inner")).unwrap();
+        fs::set_permissions(&root_dir, fs::Permissions::from_mode(0o755)).unwrap();
+        symlink("real/inner/..", root_dir.join("link")).unwrap();
+        let dir = Dir::open(&root_dir.join("link")).unwrap();
+        assert_eq!(dir.path(), root_dir.join("real"));
+        assert!(dir.state(OsStr::new("inner")).unwrap().unwrap().is_dir());
+        fs::remove_dir_all(root_dir).unwrap();
     }
 
     #[test]

@@ -5,7 +5,13 @@
 //! distribution's file keeps its own text and hapair's settings come last
 //! and win.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+
+use crate::command::Command;
+use crate::secret::Secret;
 
 /// hapair's file next to Redis's own configuration.
 pub const DROPIN: &str = "hapair.conf";
@@ -19,6 +25,111 @@ pub fn default_unit() -> String {
 }
 pub fn default_port() -> u16 {
     6379
+}
+
+/// A Redis server, reached with redis-cli. The password goes to redis-cli
+/// in its environment (`REDISCLI_AUTH`), never on a command line.
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub host: String,
+    pub port: u16,
+    pub password: Option<Secret>,
+}
+
+/// What `INFO` answers: `field:value` lines.
+pub type Info = BTreeMap<String, String>;
+
+impl Server {
+    /// The Redis of this host, on loopback.
+    pub fn local(port: u16, password: Option<Secret>) -> Server {
+        Server {
+            host: "127.0.0.1".into(),
+            port,
+            password,
+        }
+    }
+
+    /// Runs one command; its reply, as redis-cli prints it. An error reply
+    /// (or no answer) is an error naming the server.
+    pub fn command(&self, args: &[&str]) -> Result<String> {
+        let mut command = Command::new("redis-cli")
+            .args([
+                "--no-auth-warning",
+                "-h",
+                &self.host,
+                "-p",
+                &self.port.to_string(),
+            ])
+            .args(args);
+        if let Some(password) = &self.password {
+            command = command.secret_env("REDISCLI_AUTH", password);
+        }
+        let out = command.output()?;
+        let reply = out.stdout.trim_end().to_string();
+        let refused = [
+            "ERR",
+            "NOAUTH",
+            "WRONGPASS",
+            "LOADING",
+            "MASTERDOWN",
+            "READONLY",
+        ]
+        .iter()
+        .any(|prefix| reply.starts_with(prefix));
+        if !out.success() || refused || reply.starts_with("Could not connect") {
+            let said = if reply.is_empty() {
+                out.stderr.trim()
+            } else {
+                reply.as_str()
+            };
+            bail!(
+                "Redis at {}:{} answered {}: {said}",
+                self.host,
+                self.port,
+                args.join(" ")
+            );
+        }
+        Ok(reply)
+    }
+
+    /// `INFO section`, parsed.
+    pub fn info(&self, section: &str) -> Result<Info> {
+        Ok(parse_info(&self.command(&["INFO", section])?))
+    }
+}
+
+/// Parses `INFO`'s `field:value` lines (`#` headers and blanks skipped).
+pub fn parse_info(text: &str) -> Info {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.trim_end_matches('\r').split_once(':'))
+        .map(|(field, value)| (field.to_string(), value.to_string()))
+        .collect()
+}
+
+/// hapair's include file's text: listening on loopback and the pair's
+/// address, with the pair's password both to let clients in and to log in
+/// to a primary (so that the roles can swap without a config change), and,
+/// on a replica, whom it replicates.
+pub fn dropin_text(
+    module: &str,
+    address: std::net::Ipv4Addr,
+    password: &Secret,
+    replica_of: Option<(std::net::Ipv4Addr, u16)>,
+) -> String {
+    let password = quote(password.expose());
+    let mut text = format!(
+        "# Written by hapair's {module}: changes here are overwritten.\n\
+         bind 127.0.0.1 -::1 {address}\n\
+         requirepass {password}\n\
+         masterauth {password}\n"
+    );
+    if let Some((primary, port)) = replica_of {
+        text.push_str(&format!(
+            "replicaof {primary} {port}\nreplica-read-only yes\n"
+        ));
+    }
+    text
 }
 
 /// hapair's include file beside `redis_config`.
@@ -65,6 +176,16 @@ mod tests {
         let once = with_line("bind 127.0.0.1\n", "include /etc/redis/hapair.conf");
         assert!(once.ends_with("include /etc/redis/hapair.conf\n"));
         assert_eq!(with_line(&once, "include /etc/redis/hapair.conf"), once);
+    }
+
+    #[test]
+    fn info_is_read_as_fields() {
+        let info = parse_info(
+            "# Replication\r\nrole:slave\r\nmaster_host:10.0.0.1\r\nslave0:ip=10.0.0.2,port=6379\r\n",
+        );
+        assert_eq!(info["role"], "slave");
+        assert_eq!(info["master_host"], "10.0.0.1");
+        assert_eq!(info["slave0"], "ip=10.0.0.2,port=6379");
     }
 
     #[test]
