@@ -27,6 +27,7 @@ modules!(
     cluster_kvstore_copy => "../../modules/cluster_kvstore_copy/src/main.rs",
     cluster_preflight => "../../modules/cluster_preflight/src/main.rs",
     cluster_replicate_postgres => "../../modules/cluster_replicate_postgres/src/main.rs",
+    cluster_start_kafka_sync => "../../modules/cluster_start_kafka_sync/src/main.rs",
     instance_conf => "../../modules/instance_conf/src/main.rs",
     replication_helper => "../../modules/replication_helper/src/main.rs",
     replication_port_check => "../../modules/replication_port_check/src/main.rs",

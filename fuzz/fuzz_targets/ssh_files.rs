@@ -7,7 +7,8 @@ use std::net::Ipv4Addr;
 
 use hapair_core::files::{config_lines, line_content};
 use hapair_core::ssh::{
-    authorized_entry, authorized_keys_with, known_hosts_with, parse_fingerprint, PublicKey,
+    authorized_entry, authorized_keys_with, known_hosts_with, parse_fingerprint, pinned_key,
+    PublicKey,
 };
 use libfuzzer_sys::fuzz_target;
 

@@ -1,7 +1,11 @@
 //! Kafka: the one place that knows its configuration file, a Java
 //! properties file without includes, edited in place one key at a time.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+
+use crate::command::Command;
 
 // The tarball's layout under /opt/kafka, for `#[serde(default = "...")]`.
 pub fn default_home() -> PathBuf {
@@ -15,6 +19,74 @@ pub fn default_port() -> u16 {
 }
 pub fn default_unit() -> String {
     "kafka".into()
+}
+
+/// Kafka's command-line tools, from its home (`bin/*.sh`).
+#[derive(Debug, Clone)]
+pub struct Tools {
+    pub home: PathBuf,
+}
+
+impl Tools {
+    fn tool(&self, name: &str) -> Command {
+        Command::new(self.home.join("bin").join(name).display().to_string())
+            .env("KAFKA_HEAP_OPTS", "-Xmx128m")
+    }
+
+    /// The topics of the cluster at `bootstrap` (`host:port`): reaching it
+    /// proves it answers and its metadata reads.
+    pub fn topics(&self, bootstrap: &str) -> Result<Vec<String>> {
+        let out = self
+            .tool("kafka-topics.sh")
+            .args(["--bootstrap-server", bootstrap, "--list"])
+            .run()?;
+        Ok(out
+            .stdout
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect())
+    }
+
+    /// How many records `topic` holds at `bootstrap`: the sum of its
+    /// partitions' end offsets (0 when it does not exist).
+    pub fn end_offsets(&self, bootstrap: &str, topic: &str) -> Result<u64> {
+        let out = self
+            .tool("kafka-get-offsets.sh")
+            .args(["--bootstrap-server", bootstrap, "--topic", topic])
+            .output()?;
+        if !out.success() {
+            return Ok(0);
+        }
+        Ok(parse_end_offsets(&out.stdout))
+    }
+}
+
+/// Sums `topic:partition:offset` lines (kafka-get-offsets.sh).
+pub fn parse_end_offsets(text: &str) -> u64 {
+    text.lines()
+        .filter_map(|line| line.trim().rsplit(':').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// `value` as a Java properties file reads it back (Properties.load):
+/// backslashes doubled (they are escapes there: a regex `a\.b` would lose
+/// its backslash), a leading space escaped. A control character, which
+/// would end the line or worse, is refused.
+pub fn property_value(what: &str, value: &str) -> Result<String> {
+    if value.chars().any(char::is_control) {
+        bail!("{what} must be one line, without control characters");
+    }
+    let escaped = value.replace('\\', "\\\\");
+    Ok(match escaped.strip_prefix(' ') {
+        Some(rest) => format!("\\ {rest}"),
+        None => escaped,
+    })
+}
+
+/// Where the tarball's layout keeps `bin/` under `home`.
+pub fn has_tools(home: &Path) -> bool {
+    home.join("bin/kafka-topics.sh").is_file()
 }
 
 /// Whether `line` assigns `key` (`key=value`, `key = value`, `key: value`).
@@ -50,6 +122,20 @@ pub fn with_property(text: &str, key: &str, value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn property_values_read_back_as_given() {
+        assert_eq!(property_value("t", r"orders\..*").unwrap(), r"orders\\..*");
+        assert_eq!(property_value("t", " x").unwrap(), r"\ x");
+        assert!(property_value("t", "a\nb=c").is_err());
+    }
+
+    #[test]
+    fn end_offsets_are_summed_over_partitions() {
+        assert_eq!(parse_end_offsets("t:0:5\nt:1:7\n"), 12);
+        assert_eq!(parse_end_offsets(""), 0);
+        assert_eq!(parse_end_offsets("garbage\n"), 0);
+    }
 
     #[test]
     fn properties_are_set_once_in_place() {

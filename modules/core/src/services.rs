@@ -34,6 +34,53 @@ impl Unit {
         Command::new("systemctl").args(["restart", &self.0]).run()?;
         Ok(())
     }
+
+    /// Starts the unit at boot from now on.
+    pub fn enable(&self) -> Result<()> {
+        Command::new("systemctl")
+            .args(["enable", "--quiet", &self.0])
+            .run()?;
+        Ok(())
+    }
+
+    /// Whether the unit starts at boot.
+    pub fn is_enabled(&self) -> Result<bool> {
+        let out = Command::new("systemctl")
+            .args(["is-enabled", "--quiet", &self.0])
+            .output()?;
+        Ok(out.success())
+    }
+
+    /// Where a unit hapair owns is defined.
+    pub fn file(&self) -> std::path::PathBuf {
+        std::path::Path::new(UNIT_DIR).join(format!("{}.service", self.0))
+    }
+}
+
+/// Where the units hapair writes go.
+pub const UNIT_DIR: &str = "/etc/systemd/system";
+
+/// Has systemd read the unit files again (after one was written).
+pub fn daemon_reload() -> Result<()> {
+    Command::new("systemctl").arg("daemon-reload").run()?;
+    Ok(())
+}
+
+impl Unit {
+    /// The time the unit last entered the active state (a restart moves
+    /// it), as systemd reports it.
+    pub fn active_since(&self) -> Result<String> {
+        let out = Command::new("systemctl")
+            .args([
+                "show",
+                "-p",
+                "ActiveEnterTimestampMonotonic",
+                "--value",
+                &self.0,
+            ])
+            .run()?;
+        Ok(out.stdout.trim().to_string())
+    }
 }
 
 impl std::fmt::Display for Unit {

@@ -207,6 +207,23 @@ pub struct Pinned {
     pub replaced: Option<String>,
 }
 
+/// The ed25519 host key pinned for `host` in `known_hosts`, if any, read as
+/// ssh reads the file (leading blanks skipped, host lists split).
+pub fn pinned_key(known_hosts: &str, host: Ipv4Addr) -> Option<PublicKey> {
+    let host = host.to_string();
+    config_lines(known_hosts).find_map(|line| {
+        let (hosts, key) = line_content(line)
+            .trim_start()
+            .split_once(char::is_whitespace)?;
+        hosts
+            .split(',')
+            .any(|h| h == host)
+            .then(|| PublicKey::parse(key).ok())
+            .flatten()
+            .filter(|k| k.key_type == "ssh-ed25519")
+    })
+}
+
 /// `current` (a known_hosts file) with `key` pinned for `host`. An earlier
 /// key of the same type for the host is replaced (and reported); a line that
 /// also names other hosts keeps them, without this one. Every other line
@@ -216,7 +233,8 @@ pub fn known_hosts_with(current: &str, host: Ipv4Addr, key: &PublicKey) -> Pinne
     let lines: Vec<&str> = config_lines(current).collect();
     // (hosts, rest) of a line that pins a key of this type for this host.
     let for_host = |line: &str| -> Option<(Vec<String>, String)> {
-        let line = line_content(line);
+        // ssh skips leading blanks: so must we, or an old pin survives.
+        let line = line_content(line).trim_start();
         let (hosts, rest) = line.split_once(char::is_whitespace)?;
         let names: Vec<&str> = hosts.split(',').collect();
         let rest = rest.trim_start();
@@ -498,6 +516,11 @@ mod tests {
         );
         assert_eq!(pinned.replaced, Some("ssh-ed25519 AAAAold".into()));
         assert_eq!(known_hosts_with(&pinned.text, peer, &a).text, pinned.text);
+        // A pin indented with blanks is a pin to ssh: it is replaced too.
+        let indented = "\x0b 198.18.0.12 ssh-ed25519 AAAAold\n";
+        let repinned = known_hosts_with(indented, peer, &a);
+        assert_eq!(repinned.text, format!("198.18.0.12 {}\n", a.material()));
+        assert_eq!(repinned.replaced, Some("ssh-ed25519 AAAAold".into()));
     }
 
     #[test]

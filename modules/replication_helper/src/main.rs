@@ -268,14 +268,7 @@ fn peer_host_key(
         return Ok((PublicKey::parse(given).context("peer_host_key")?, "given"));
     }
     let known = files::read_optional(&ssh_dir.join("known_hosts"))?.unwrap_or_default();
-    let pinned = known.lines().find_map(|line| {
-        let (host, key) = line.split_once(' ')?;
-        (host.split(',').any(|h| h == peer.to_string()))
-            .then(|| PublicKey::parse(key).ok())
-            .flatten()
-            .filter(|k| k.key_type == "ssh-ed25519")
-    });
-    if let Some(pinned) = pinned {
+    if let Some(pinned) = ssh::pinned_key(&known, peer) {
         return Ok((pinned, "already pinned"));
     }
     let scanned = ssh::scan_host_key(peer, args.scan_timeout.duration())?;

@@ -1,0 +1,278 @@
+//! `cluster_start_kafka_sync`: seed step 10, on the secondary.
+//!
+//! Runs MirrorMaker 2 in dedicated mode as a systemd unit hapair owns on
+//! the secondary, mirroring the primary's Kafka into this host's:
+//! - `IdentityReplicationPolicy`: topic names stay the same, so clients
+//!   work unchanged after a failover. Only one direction is ever enabled:
+//!   with identity names, two would loop.
+//! - Group offsets are synced, checkpoints and heartbeats emitted; internal
+//!   topics fit a one-broker cluster; new topics are found within the
+//!   refresh interval (MirrorMaker's default is ten minutes).
+//!
+//! The primary is checked first. Once the unit runs, the module waits until
+//! the primary's heartbeats arrive here (`primary.heartbeats`): mirroring
+//! is proven running, not just started. A re-run with the same settings
+//! and the unit running changes nothing and restarts nothing.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use hapair_core::files::{self, FilePlan};
+use hapair_core::instance::{self, InstanceConfig};
+use hapair_core::kafka::{self, Tools};
+use hapair_core::protocol::Seconds;
+use hapair_core::services::{self, Unit};
+use hapair_core::{protocol, wait, Context, Outcome, Spec};
+use serde::Deserialize;
+
+const SPEC: Spec = Spec {
+    name: "cluster_start_kafka_sync",
+    doc: include_str!("../cluster_start_kafka_sync.yml"),
+    shorthand: None,
+};
+
+#[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+pub(crate) struct Args {
+    primary_address: String,
+    /// The topics to mirror (a Java regex).
+    #[serde(default = "default_pattern")]
+    topics: String,
+    /// The consumer groups whose offsets are synced (a Java regex).
+    #[serde(default = "default_pattern")]
+    groups: String,
+    /// How often MirrorMaker looks for new topics and groups, and syncs
+    /// group offsets.
+    #[serde(default = "default_refresh_interval")]
+    refresh_interval: Seconds,
+    #[serde(default = "kafka::default_port")]
+    kafka_port: u16,
+    #[serde(default = "kafka::default_home")]
+    kafka_home: PathBuf,
+    /// The account MirrorMaker runs as.
+    #[serde(default = "default_run_as")]
+    run_as: String,
+    #[serde(default = "default_heap")]
+    heap: String,
+    /// Seconds to wait for the primary's heartbeats to arrive here.
+    #[serde(default = "default_start_timeout")]
+    start_timeout: Seconds,
+    #[serde(default = "instance::default_path")]
+    instance_config: PathBuf,
+}
+
+fn default_pattern() -> String {
+    ".*".into()
+}
+fn default_refresh_interval() -> Seconds {
+    Seconds::new(30)
+}
+fn default_run_as() -> String {
+    "kafka".into()
+}
+fn default_heap() -> String {
+    "256m".into()
+}
+fn default_start_timeout() -> Seconds {
+    Seconds::new(300)
+}
+
+/// The unit hapair owns, and its configuration, in root's directory.
+const UNIT: &str = "hapair-mirrormaker";
+const CONFIG: &str = "/etc/hapair/mirrormaker.properties";
+/// MirrorMaker's names for the two clusters: the heartbeats of `primary`
+/// arrive here as `primary.heartbeats`.
+const SOURCE: &str = "primary";
+const TARGET: &str = "secondary";
+
+fn main() -> ExitCode {
+    protocol::run(&SPEC, cluster_start_kafka_sync)
+}
+
+fn cluster_start_kafka_sync(args: Args, ctx: &mut Context) -> Result<Outcome> {
+    let primary = instance::parse_ipv4_str("primary_address", &args.primary_address)?;
+    hapair_core::account::check_name(&args.run_as)?;
+    let heap = check_heap(&args.heap)?;
+    let home = files::clean_path("kafka_home", &args.kafka_home)?;
+    let unit = Unit::new(UNIT);
+    let mut files = FilePlan::default();
+    let properties = mirrormaker_properties(&args, primary)?;
+    files.file(Path::new(CONFIG), |_| properties, 0o644, None)?;
+    files.file(
+        &unit.file(),
+        |_| unit_text(&home, &args.run_as, heap),
+        0o644,
+        None,
+    )?;
+
+    let tools = Tools { home: home.clone() };
+    let local = format!("127.0.0.1:{}", args.kafka_port);
+    let running = unit.is_active()? && unit.is_enabled()?;
+    if files.changes.is_empty() && running {
+        return Ok(Outcome::unchanged(format!(
+            "MirrorMaker 2 already mirrors {primary}:{} into this host's Kafka",
+            args.kafka_port
+        ))
+        .with("unit", UNIT));
+    }
+
+    // Mirrored records are appended to this host's topics of the same name.
+    if InstanceConfig::load(&args.instance_config)?.is_protected() {
+        bail!(
+            "this host is a protected instance: MirrorMaker would write into its Kafka topics. {}",
+            instance::UNPROTECT_HINT
+        );
+    }
+    // The primary first.
+    let source = format!("{primary}:{}", args.kafka_port);
+    tools.topics(&source).with_context(|| {
+        format!(
+            "the primary's Kafka at {source} does not answer; nothing was changed here. Check \
+             that it runs and advertises its listener on the pair's address (seed step 4)"
+        )
+    })?;
+
+    let restart = !files.changes.is_empty() || !unit.is_active()?;
+    let mut outcome = if ctx.check_mode {
+        Outcome::changed(format!(
+            "would start MirrorMaker 2 ({UNIT}), mirroring {source} into this host's Kafka"
+        ))
+    } else {
+        let unit_changed = files.changes(&unit.file());
+        files.apply()?;
+        if unit_changed {
+            services::daemon_reload()?;
+        }
+        unit.enable()?;
+        if restart {
+            unit.restart()?;
+        }
+        wait_for_heartbeats(&tools, &local, &unit, args.start_timeout)?;
+        Outcome::changed(format!(
+            "MirrorMaker 2 ({UNIT}) mirrors {source} into this host's Kafka; the primary's \
+             heartbeats arrive here"
+        ))
+    };
+    for change in files.changes {
+        outcome = outcome.with_diff(change.diff);
+    }
+    Ok(outcome.with("unit", UNIT).with("config", CONFIG))
+}
+
+/// The heap, as `-Xmx` takes it: digits and a unit (m or g).
+fn check_heap(heap: &str) -> Result<&str> {
+    let digits = heap.trim_end_matches(['m', 'g', 'M', 'G']);
+    if digits.is_empty() || digits.len() > 6 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        bail!(
+            "heap takes a size such as 256m or 1g, not {:?}",
+            protocol::excerpt(heap)
+        );
+    }
+    Ok(heap)
+}
+
+/// MirrorMaker 2's configuration: one direction only, identity names, and
+/// replication factors of 1 for a one-broker cluster.
+fn mirrormaker_properties(args: &Args, primary: Ipv4Addr) -> Result<String> {
+    // The primary's heartbeats are always mirrored: they prove the flow.
+    let topics = kafka::property_value("topics", &format!("heartbeats|{}", args.topics))?;
+    let groups = kafka::property_value("groups", &args.groups)?;
+    let refresh = args.refresh_interval.get();
+    let port = args.kafka_port;
+    Ok(format!(
+        "# Written by hapair's cluster_start_kafka_sync: changes here are overwritten.\n\
+         clusters = {SOURCE}, {TARGET}\n\
+         {SOURCE}.bootstrap.servers = {primary}:{port}\n\
+         {TARGET}.bootstrap.servers = 127.0.0.1:{port}\n\
+         # One direction only: with identity names, two would loop.\n\
+         {SOURCE}->{TARGET}.enabled = true\n\
+         {TARGET}->{SOURCE}.enabled = false\n\
+         replication.policy.class = org.apache.kafka.connect.mirror.IdentityReplicationPolicy\n\
+         {SOURCE}->{TARGET}.topics = {topics}\n\
+         {SOURCE}->{TARGET}.groups = {groups}\n\
+         sync.group.offsets.enabled = true\n\
+         sync.group.offsets.interval.seconds = {refresh}\n\
+         emit.checkpoints.enabled = true\n\
+         emit.checkpoints.interval.seconds = {refresh}\n\
+         emit.heartbeats.enabled = true\n\
+         refresh.topics.interval.seconds = {refresh}\n\
+         refresh.groups.interval.seconds = {refresh}\n\
+         # A one-broker cluster on each side.\n\
+         replication.factor = 1\n\
+         checkpoints.topic.replication.factor = 1\n\
+         heartbeats.topic.replication.factor = 1\n\
+         offset-syncs.topic.replication.factor = 1\n\
+         offset.storage.replication.factor = 1\n\
+         status.storage.replication.factor = 1\n\
+         config.storage.replication.factor = 1\n"
+    ))
+}
+
+fn unit_text(home: &Path, run_as: &str, heap: &str) -> String {
+    format!(
+        "# Written by hapair's cluster_start_kafka_sync: changes here are overwritten.\n\
+         [Unit]\n\
+         Description=hapair: MirrorMaker 2, mirroring the primary's Kafka into this host's\n\
+         After=network-online.target kafka.service\n\
+         \n\
+         [Service]\n\
+         Type=simple\n\
+         User={run_as}\n\
+         Environment=\"KAFKA_HEAP_OPTS=-Xms64m -Xmx{heap}\"\n\
+         ExecStart={} {CONFIG}\n\
+         SuccessExitStatus=143\n\
+         Restart=on-failure\n\
+         RestartSec=5\n\
+         \n\
+         [Install]\n\
+         WantedBy=multi-user.target\n",
+        home.join("bin/connect-mirror-maker.sh").display()
+    )
+}
+
+/// Waits until the primary's heartbeats arrive here: MirrorMaker reads the
+/// primary and writes this host's Kafka.
+fn wait_for_heartbeats(tools: &Tools, local: &str, unit: &Unit, timeout: Seconds) -> Result<()> {
+    let topic = format!("{SOURCE}.heartbeats");
+    let arrived = wait::until(timeout.duration(), Duration::from_secs(3), || {
+        tools.end_offsets(local, &topic).unwrap_or(0) > 0
+    });
+    if !arrived {
+        bail!(
+            "MirrorMaker 2 ({unit}) started, but no heartbeat of the primary arrived here \
+             ({topic}) within {} s: see journalctl -u {unit}",
+            timeout.get()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    hapair_core::doc_test!(Args, json!({"primary_address": "10.0.0.1"}));
+
+    #[test]
+    fn only_one_direction_is_enabled_with_identity_names() {
+        let args: Args =
+            serde_json::from_value(json!({"primary_address": "10.0.0.1", "topics": r"orders\..*"}))
+                .unwrap();
+        let text = mirrormaker_properties(&args, Ipv4Addr::new(10, 0, 0, 1)).unwrap();
+        assert!(text.contains("primary->secondary.enabled = true\n"));
+        assert!(text.contains("secondary->primary.enabled = false\n"));
+        assert!(text.contains("IdentityReplicationPolicy\n"));
+        assert!(text.contains(r"primary->secondary.topics = heartbeats|orders\\..*"));
+        assert!(text.contains("refresh.topics.interval.seconds = 30\n"));
+        let bad: Args = serde_json::from_value(
+            json!({"primary_address": "10.0.0.1", "topics": "x\nsecondary->primary.enabled = true"}),
+        )
+        .unwrap();
+        assert!(mirrormaker_properties(&bad, Ipv4Addr::new(10, 0, 0, 1)).is_err());
+        assert!(check_heap("256m").is_ok() && check_heap("1g; rm").is_err());
+    }
+}
