@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use hapair_tests::pair::{primary_mode_args, set_protected};
+use hapair_tests::pair::{primary_mode, set_protected};
 use hapair_tests::{ensure_eq, suite, wait_for, Fleet, Host, ModuleRun, Test};
 use serde_json::{json, Value};
 
@@ -45,9 +45,7 @@ fn sync(secondary: &Host, primary: &Host) -> Result<ModuleRun> {
 
 fn ready(fleet: &Fleet) -> Result<()> {
     let (primary, secondary) = (fleet.host("primary"), fleet.host("secondary"));
-    primary
-        .run_module("cluster_enter_primary_mode", &primary_mode_args(primary))?
-        .ok()?;
+    primary_mode(primary)?;
     set_protected(secondary, false)?;
     sync(secondary, primary)?.ok()?;
     Ok(())
@@ -94,9 +92,7 @@ fn count(by_partition: &BTreeMap<u32, Vec<String>>) -> usize {
 
 fn protected(fleet: &Fleet) -> Result<()> {
     let (primary, secondary) = (fleet.host("primary"), fleet.host("secondary"));
-    primary
-        .run_module("cluster_enter_primary_mode", &primary_mode_args(primary))?
-        .ok()?;
+    primary_mode(primary)?;
     set_protected(secondary, true)?;
     let run = sync(secondary, primary)?;
     if !run.failed() || !run.msg().contains("protected instance") {

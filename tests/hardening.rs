@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use hapair_tests::pair::{
-    make_foreign_cluster, primary_mode_args, ready_for_step8, replicate, set_protected, sql, trust,
-    REPLICATION_PASSWORD,
+    make_foreign_cluster, primary_mode, primary_mode_args, ready_for_step8, replicate,
+    set_protected, sql, trust, REPLICATION_PASSWORD,
 };
 use hapair_tests::{ensure_eq, exchange_keys, suite, wait_for, Fleet, Host, Test};
 use serde_json::{json, Value};
@@ -217,18 +217,14 @@ fn primary_mode_hostile(fleet: &Fleet) -> Result<()> {
          | grep -c horse || true",
     )?;
     ensure_eq!(logged.trim(), "0");
-    primary
-        .run_module("cluster_enter_primary_mode", &primary_mode_args(primary))?
-        .ok()?;
+    primary_mode(primary)?;
     Ok(())
 }
 
 fn forged_config_path(fleet: &Fleet) -> Result<()> {
     let (primary, secondary) = (fleet.host("primary"), fleet.host("secondary"));
     trust(primary, secondary)?;
-    primary
-        .run_module("cluster_enter_primary_mode", &primary_mode_args(primary))?
-        .ok()?;
+    primary_mode(primary)?;
     set_protected(secondary, true)?;
     let forged = "/dev/null; echo '{\"cluster\": {\"protected_instance\": false}}'";
     let run = primary.run_module(

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use hapair_tests::pair::{primary_mode_args, set_protected, REDIS_PASSWORD};
+use hapair_tests::pair::{primary_mode, set_protected, REDIS_PASSWORD};
 use hapair_tests::{ensure_eq, suite, wait_for, Fleet, Host, ModuleRun, Test};
 use serde_json::{json, Value};
 
@@ -95,18 +95,9 @@ fn copy(secondary: &Host, primary: &Host, extra: Value) -> Result<ModuleRun> {
     secondary.run_module("cluster_kvstore_copy", &args)
 }
 
-/// The primary in primary mode (seed step 4), once.
-fn primary_ready(fleet: &Fleet) -> Result<()> {
-    let primary = fleet.host("primary");
-    primary
-        .run_module("cluster_enter_primary_mode", &primary_mode_args(primary))?
-        .ok()?;
-    Ok(())
-}
-
 fn protected(fleet: &Fleet) -> Result<()> {
     let (primary, secondary) = (fleet.host("primary"), fleet.host("secondary"));
-    primary_ready(fleet)?;
+    primary_mode(primary)?;
     redis(secondary, None, "SET mine \"kept\"\n")?;
     set_protected(secondary, true)?;
     let run = copy(secondary, primary, json!({}))?;
@@ -123,7 +114,7 @@ fn protected(fleet: &Fleet) -> Result<()> {
 
 fn not_persistent(fleet: &Fleet) -> Result<()> {
     let (primary, secondary) = (fleet.host("primary"), fleet.host("secondary"));
-    primary_ready(fleet)?;
+    primary_mode(primary)?;
     set_protected(secondary, false)?;
     let saved = redis(primary, Some(REDIS_PASSWORD), "CONFIG GET save\n")?;
     let schedule = saved.lines().nth(1).unwrap_or("").to_string();
@@ -165,7 +156,7 @@ const KEYS: &[&str] = &[
 
 fn every_kind_of_key(fleet: &Fleet) -> Result<()> {
     let (primary, secondary) = (fleet.host("primary"), fleet.host("secondary"));
-    primary_ready(fleet)?;
+    primary_mode(primary)?;
     set_protected(secondary, false)?;
     redis(
         primary,

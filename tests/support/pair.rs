@@ -88,13 +88,19 @@ pub fn make_foreign_cluster(secondary: &Host) -> Result<String> {
     )
 }
 
+/// Seed step 4 on the primary (a no-op once done).
+pub fn primary_mode(primary: &Host) -> Result<()> {
+    primary
+        .run_module("cluster_enter_primary_mode", &primary_mode_args(primary))?
+        .ok()?;
+    Ok(())
+}
+
 /// Seed steps 2 to 7 on the pair, as far as they aren't done yet: what a
 /// test of step 8 needs, so that it can run alone.
 pub fn ready_for_step8(primary: &Host, secondary: &Host) -> Result<()> {
     trust(primary, secondary)?;
-    primary
-        .run_module("cluster_enter_primary_mode", &primary_mode_args(primary))?
-        .ok()?;
+    primary_mode(primary)?;
     set_protected(secondary, false)?;
     add_secondary(primary, secondary)?.ok()?;
     Ok(())
