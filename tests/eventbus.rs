@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use hapair_tests::pair::{primary_mode, set_protected};
+use hapair_tests::pair::{primary_mode, set_protected, REDIS_PASSWORD};
 use hapair_tests::{ensure_eq, suite, wait_for, Fleet, Host, ModuleRun, Test};
 use serde_json::{json, Value};
 
@@ -26,6 +26,10 @@ const TESTS: &[Test] = &[
         group_offsets,
     ),
     ("step10_a_rerun_changes_nothing_and_restarts_nothing", rerun),
+    (
+        "steps9_10_a_secondary_cut_off_catches_up_with_every_key_and_message",
+        partition,
+    ),
 ];
 
 fn main() -> ExitCode {
@@ -203,5 +207,56 @@ fn rerun(fleet: &Fleet) -> Result<()> {
         bail!("the diff does not show the new interval: {diff}");
     }
     sync(secondary, primary)?.ok()?;
+    Ok(())
+}
+
+/// The pair cut apart while the primary keeps taking keys and messages;
+/// once joined again, Redis and MirrorMaker catch up by themselves.
+fn partition(fleet: &Fleet) -> Result<()> {
+    let (primary, secondary) = (fleet.host("primary"), fleet.host("secondary"));
+    ready(fleet)?;
+    secondary
+        .run_module(
+            "cluster_kvstore_copy",
+            &json!({"primary_address": primary.ip, "redis_password": REDIS_PASSWORD}),
+        )?
+        .ok()?;
+    produce(primary, "during_cut", 3, 1, 10)?;
+    wait_for(
+        "the topic on the secondary",
+        Duration::from_secs(60),
+        || Ok(count(&messages(secondary, "during_cut")?) == 10),
+    )?;
+
+    secondary.cut()?;
+    let written = (|| -> Result<()> {
+        let keys: String = (1..=200).map(|n| format!("SET cut:{n} {n}\n")).collect();
+        primary.write("/tmp/cut-keys", &keys)?;
+        primary.sh(&format!(
+            "REDISCLI_AUTH='{REDIS_PASSWORD}' redis-cli --no-auth-warning < /tmp/cut-keys >/dev/null"
+        ))?;
+        produce(primary, "during_cut", 3, 11, 200)
+    })();
+    secondary.join()?;
+    written?;
+
+    let redis_count = || -> Result<String> {
+        secondary.sh(&format!(
+            "REDISCLI_AUTH='{REDIS_PASSWORD}' redis-cli --no-auth-warning --scan --pattern 'cut:*' | wc -l"
+        ))
+    };
+    wait_for(
+        "every key written during the cut",
+        Duration::from_secs(120),
+        || Ok(redis_count()?.trim() == "200"),
+    )?;
+    let sent = messages(primary, "during_cut")?;
+    ensure_eq!(count(&sent), 210);
+    wait_for(
+        "every message written during the cut",
+        Duration::from_secs(180),
+        || Ok(count(&messages(secondary, "during_cut")?) == 210),
+    )?;
+    ensure_eq!(messages(secondary, "during_cut")?, sent);
     Ok(())
 }
