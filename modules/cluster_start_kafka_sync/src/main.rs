@@ -52,7 +52,7 @@ pub(crate) struct Args {
     kafka_port: u16,
     #[serde(default = "kafka::default_home")]
     kafka_home: PathBuf,
-    /// The account MirrorMaker runs as.
+    /// The account MirrorMaker and Kafka's tools run as.
     #[serde(default = "default_run_as")]
     run_as: String,
     #[serde(default = "default_heap")]
@@ -108,7 +108,10 @@ fn cluster_start_kafka_sync(args: Args, ctx: &mut Context) -> Result<Outcome> {
         None,
     )?;
 
-    let tools = Tools { home: home.clone() };
+    let tools = Tools {
+        home: home.clone(),
+        run_as: args.run_as.clone(),
+    };
     let local = format!("127.0.0.1:{}", args.kafka_port);
     let running = unit.is_active()? && unit.is_enabled()?;
     if files.changes.is_empty() && running {

@@ -1,7 +1,7 @@
 //! Kafka: the one place that knows its configuration file, a Java
 //! properties file without includes, edited in place one key at a time.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 
@@ -21,16 +21,20 @@ pub fn default_unit() -> String {
     "kafka".into()
 }
 
-/// Kafka's command-line tools, from its home (`bin/*.sh`).
+/// Kafka's command-line tools, from its home (`bin/*.sh`), run as Kafka's
+/// own account: its home is often that account's to write, and root never
+/// runs a program from there.
 #[derive(Debug, Clone)]
 pub struct Tools {
     pub home: PathBuf,
+    pub run_as: String,
 }
 
 impl Tools {
     fn tool(&self, name: &str) -> Command {
-        Command::new(self.home.join("bin").join(name).display().to_string())
-            .env("KAFKA_HEAP_OPTS", "-Xmx128m")
+        Command::new("runuser")
+            .args(["-u", &self.run_as, "--", "env", "KAFKA_HEAP_OPTS=-Xmx128m"])
+            .arg(self.home.join("bin").join(name))
     }
 
     /// The topics of the cluster at `bootstrap` (`host:port`): reaching it
@@ -82,11 +86,6 @@ pub fn property_value(what: &str, value: &str) -> Result<String> {
         Some(rest) => format!("\\ {rest}"),
         None => escaped,
     })
-}
-
-/// Where the tarball's layout keeps `bin/` under `home`.
-pub fn has_tools(home: &Path) -> bool {
-    home.join("bin/kafka-topics.sh").is_file()
 }
 
 /// Whether `line` assigns `key` (`key=value`, `key = value`, `key: value`).
