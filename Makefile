@@ -68,8 +68,9 @@ test-unit: ## Unit tests of the core and the modules (no hosts)
 test-fleet: venv stage image ## Module and end-to-end tests on fleet hosts
 	cargo test -p hapair-tests
 
-bench: stage image ## Step 8's copy of 1 GiB against tar over SSH: figures and ratio
+bench: stage image ## Steps 8 to 10: copy against tar, Redis's 1 GiB sync, MirrorMaker's catch-up
 	cargo bench -p hapair-tests --bench bench_copy
+	cargo bench -p hapair-tests --bench bench_sync
 
 FUZZ_SECONDS ?= 120
 fuzz: ## Fuzz every parser and config editor, FUZZ_SECONDS each (cargo fuzz, nightly)
