@@ -22,13 +22,7 @@ const SCALE: u32 = 70;
 const PASSWORD: &str = "bench-Secret-0123456789";
 
 fn main() -> ExitCode {
-    match bench() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("bench failed: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    hapair_tests::bench_main(bench)
 }
 
 fn bench() -> Result<()> {

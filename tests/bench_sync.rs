@@ -23,13 +23,7 @@ const RECORD_BYTES: u64 = 512;
 const KAFKA: &str = "KAFKA_HEAP_OPTS=-Xmx256m /opt/kafka/bin";
 
 fn main() -> ExitCode {
-    match bench() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("bench failed: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    hapair_tests::bench_main(bench)
 }
 
 fn bench() -> Result<()> {

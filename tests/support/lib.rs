@@ -67,6 +67,18 @@ pub fn suite(name: &str, hosts: usize, net: u8, tests: &[Test]) -> ExitCode {
     conclusion.exit_code()
 }
 
+/// The `main` of a benchmark (`make bench`): runs it, and turns an error
+/// into a message and a failing exit.
+pub fn bench_main(bench: fn() -> Result<()>) -> ExitCode {
+    match bench() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// The repository's top directory.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
