@@ -26,7 +26,7 @@ fn main() -> ExitCode {
 }
 
 fn bench() -> Result<()> {
-    let fleet = Fleet::up("bench", 2, 6)?;
+    let fleet = Fleet::up("bench", 2, 12)?;
     let (primary, secondary) = (fleet.host("primary"), fleet.host("secondary"));
     exchange_keys(primary, secondary)?;
     primary
