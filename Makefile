@@ -66,7 +66,7 @@ test-unit: ## Unit tests of the core and the modules (no hosts)
 	cargo test --workspace --exclude hapair-tests
 
 test-fleet: venv stage image ## Module and end-to-end tests on fleet hosts
-	cargo test -p hapair-tests
+	cargo test -p hapair-tests --tests
 
 bench: stage image ## Steps 8 to 10: copy against tar, Redis's 1 GiB sync, MirrorMaker's catch-up
 	cargo bench -p hapair-tests --bench bench_copy
