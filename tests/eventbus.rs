@@ -90,6 +90,27 @@ fn messages(host: &Host, topic: &str) -> Result<BTreeMap<u32, Vec<String>>> {
     Ok(by_partition)
 }
 
+/// Waits until `topic` on the secondary holds all `expected` messages of
+/// the primary's, then checks they are the same messages, in the same
+/// partitions, in the same order.
+fn mirrored(
+    primary: &Host,
+    secondary: &Host,
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+) -> Result<()> {
+    let sent = messages(primary, topic)?;
+    ensure_eq!(count(&sent), expected);
+    wait_for(
+        &format!("{expected} messages of {topic} on the secondary"),
+        timeout,
+        || Ok(count(&messages(secondary, topic)?) == expected),
+    )?;
+    ensure_eq!(messages(secondary, topic)?, sent);
+    Ok(())
+}
+
 fn count(by_partition: &BTreeMap<u32, Vec<String>>) -> usize {
     by_partition.values().map(Vec::len).sum()
 }
@@ -117,28 +138,20 @@ fn messages_arrive(fleet: &Fleet) -> Result<()> {
     let (primary, secondary) = (fleet.host("primary"), fleet.host("secondary"));
     ready(fleet)?;
     produce(primary, "orders", 4, 1, 500)?;
-    let sent = messages(primary, "orders")?;
-    ensure_eq!(count(&sent), 500);
-    wait_for(
-        "500 messages on the secondary",
-        Duration::from_secs(60),
-        || Ok(count(&messages(secondary, "orders")?) == 500),
-    )?;
-    // The same messages, in the same partitions, in the same order.
-    ensure_eq!(messages(secondary, "orders")?, sent);
-    Ok(())
+    mirrored(primary, secondary, "orders", 500, Duration::from_secs(60))
 }
 
 fn later_topic(fleet: &Fleet) -> Result<()> {
     let (primary, secondary) = (fleet.host("primary"), fleet.host("secondary"));
     ready(fleet)?;
     produce(primary, "created_later", 2, 1, 50)?;
-    wait_for(
-        "the new topic on the secondary",
+    mirrored(
+        primary,
+        secondary,
+        "created_later",
+        50,
         Duration::from_secs(90),
-        || Ok(count(&messages(secondary, "created_later")?) == 50),
-    )?;
-    Ok(())
+    )
 }
 
 fn group_offsets(fleet: &Fleet) -> Result<()> {
@@ -250,13 +263,11 @@ fn partition(fleet: &Fleet) -> Result<()> {
         Duration::from_secs(120),
         || Ok(redis_count()?.trim() == "200"),
     )?;
-    let sent = messages(primary, "during_cut")?;
-    ensure_eq!(count(&sent), 210);
-    wait_for(
-        "every message written during the cut",
+    mirrored(
+        primary,
+        secondary,
+        "during_cut",
+        210,
         Duration::from_secs(180),
-        || Ok(count(&messages(secondary, "during_cut")?) == 210),
-    )?;
-    ensure_eq!(messages(secondary, "during_cut")?, sent);
-    Ok(())
+    )
 }

@@ -233,11 +233,10 @@ fn plan(
         steps.push(Step::GenerateKey);
         return Ok(steps);
     }
-    check_key_type(pair)?;
+    let derived = derived_ed25519(pair)?;
     if !files::has_mode_owner(&private, PRIVATE_KEY_MODE, owner) {
         steps.push(Step::FixPrivateKey);
     }
-    let derived = pair.derive_public()?;
     let written = pair.read_public()?;
     let public_ok = written
         .as_deref()
@@ -250,9 +249,9 @@ fn plan(
     Ok(steps)
 }
 
-/// An existing key of another type is not ours to keep or to replace
-/// silently.
-fn check_key_type(pair: &KeyPair) -> Result<()> {
+/// The public key of the existing private key, which must be ed25519: a
+/// key of another type is not ours to keep or to replace silently.
+fn derived_ed25519(pair: &KeyPair) -> Result<String> {
     let derived = pair.derive_public().with_context(|| {
         format!(
             "{} exists but can't be read as a key without a passphrase; move it away, \
@@ -268,7 +267,7 @@ fn check_key_type(pair: &KeyPair) -> Result<()> {
             derived.split_whitespace().next().unwrap_or("different")
         );
     }
-    Ok(())
+    Ok(derived)
 }
 
 fn apply(step: &Step, args: &Args, account: &mut Option<Account>, pair: &KeyPair) -> Result<()> {

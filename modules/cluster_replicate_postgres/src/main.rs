@@ -505,19 +505,26 @@ fn already_streaming(
     let config = InstanceConfig::load(&step.args.instance_config)?;
     let mode_ok = config.value(&Key::parse(instance::REPLICATION_MODE)?)
         == Some(Value::String("secondary".into()));
+    // What an interrupted run left beside the live data: a copy being
+    // made (never needed now), and the old data (kept with keep_old_data).
     let record = CopyRecord::load(&step.args.instance_config)?;
-    let mut leftovers = Vec::new();
-    for dir in record.directories(&step.data.path)? {
-        for suffix in [NEW, OLD] {
-            if dir.exists(&dir.aside(suffix))? {
-                leftovers.push((dir.aside_path(suffix), suffix));
+    let dirs = record.directories(&step.data.path)?;
+    let mut removes: Vec<(&Replaced, OsString)> = Vec::new();
+    let mut kept: Vec<PathBuf> = Vec::new();
+    for dir in &dirs {
+        if dir.exists(&dir.aside(NEW))? {
+            removes.push((dir, dir.aside(NEW)));
+        }
+        if dir.exists(&dir.aside(OLD))? {
+            match step.args.keep_old_data {
+                true => kept.push(dir.aside_path(OLD)),
+                false => removes.push((dir, dir.aside(OLD))),
             }
         }
     }
-    let removes: Vec<&PathBuf> = leftovers
+    let removed: Vec<PathBuf> = removes
         .iter()
-        .filter(|(_, suffix)| *suffix == NEW || !step.args.keep_old_data)
-        .map(|(path, _)| path)
+        .map(|(dir, name)| dir.parent.path().join(name))
         .collect();
     let changed = recovered || !files.changes.is_empty() || !mode_ok || !removes.is_empty();
     if changed && !ctx.check_mode {
@@ -528,26 +535,25 @@ fn already_streaming(
         if !mode_ok {
             set_mode_secondary(&step.args.instance_config)?;
         }
-        for path in &removes {
-            Replaced::open(path)?
-                .parent
-                .remove_all(path.file_name().unwrap_or_default())?;
+        for (dir, name) in &removes {
+            dir.parent.remove_all(name)?;
         }
-        CopyRecord::remove(&step.args.instance_config)?;
+        // The record names the tablespaces' old data while any is kept.
+        if kept.is_empty() {
+            CopyRecord::remove(&step.args.instance_config)?;
+        }
     }
-    for (path, suffix) in &leftovers {
-        if *suffix == OLD && step.args.keep_old_data {
-            ctx.warn(format!(
-                "the replaced data is kept at {} (keep_old_data)",
-                path.display()
-            ));
-        }
+    for path in &kept {
+        ctx.warn(format!(
+            "the replaced data is kept at {} (keep_old_data)",
+            path.display()
+        ));
     }
     let mut msg = format!(
         "already streaming from {} through slot {}",
         step.primary, step.slot
     );
-    if !removes.is_empty() {
+    if !removed.is_empty() {
         let would = if ctx.check_mode {
             "would remove"
         } else {
@@ -555,7 +561,7 @@ fn already_streaming(
         };
         msg.push_str(&format!(
             "; {would} what an interrupted run left, no longer needed: {}",
-            show(&removes.iter().map(|p| p.to_path_buf()).collect::<Vec<_>>())
+            show(&removed)
         ));
     }
     Ok(Outcome::new(changed, msg).with("slot_name", &step.slot))

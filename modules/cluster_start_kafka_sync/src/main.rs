@@ -113,8 +113,8 @@ fn cluster_start_kafka_sync(args: Args, ctx: &mut Context) -> Result<Outcome> {
         run_as: args.run_as.clone(),
     };
     let local = format!("127.0.0.1:{}", args.kafka_port);
-    let running = unit.is_active()? && unit.is_enabled()?;
-    if files.changes.is_empty() && running {
+    let active = unit.is_active()?;
+    if files.changes.is_empty() && active && unit.is_enabled()? {
         return Ok(Outcome::unchanged(format!(
             "MirrorMaker 2 already mirrors {primary}:{} into this host's Kafka",
             args.kafka_port
@@ -138,7 +138,7 @@ fn cluster_start_kafka_sync(args: Args, ctx: &mut Context) -> Result<Outcome> {
         )
     })?;
 
-    let restart = !files.changes.is_empty() || !unit.is_active()?;
+    let restart = !files.changes.is_empty() || !active;
     let mut outcome = if ctx.check_mode {
         Outcome::changed(format!(
             "would start MirrorMaker 2 ({UNIT}), mirroring {source} into this host's Kafka"

@@ -50,7 +50,9 @@ impl Server {
     }
 
     /// Runs one command; its reply, as redis-cli prints it. An error reply
-    /// (or no answer) is an error naming the server.
+    /// (or no answer) is an error naming the server. For commands whose
+    /// reply is the server's own (PING, INFO, CONFIG GET, DBSIZE): a reply
+    /// that is user data could start with `ERR` and be taken for an error.
     pub fn command(&self, args: &[&str]) -> Result<String> {
         let mut command = Command::new("redis-cli")
             .args([

@@ -212,16 +212,22 @@ pub struct Pinned {
 pub fn pinned_key(known_hosts: &str, host: Ipv4Addr) -> Option<PublicKey> {
     let host = host.to_string();
     config_lines(known_hosts).find_map(|line| {
-        let (hosts, key) = line_content(line)
-            .trim_start()
-            .split_once(char::is_whitespace)?;
+        let (hosts, key) = known_hosts_entry(line)?;
         hosts
-            .split(',')
-            .any(|h| h == host)
+            .contains(&host.as_str())
             .then(|| PublicKey::parse(key).ok())
             .flatten()
             .filter(|k| k.key_type == "ssh-ed25519")
     })
+}
+
+/// A known_hosts line as ssh reads it: leading blanks skipped, then the
+/// host list (split at commas) and the rest (`TYPE BASE64 ...`).
+fn known_hosts_entry(line: &str) -> Option<(Vec<&str>, &str)> {
+    let (hosts, rest) = line_content(line)
+        .trim_start()
+        .split_once(char::is_whitespace)?;
+    Some((hosts.split(',').collect(), rest.trim_start()))
 }
 
 /// `current` (a known_hosts file) with `key` pinned for `host`. An earlier
@@ -232,12 +238,10 @@ pub fn known_hosts_with(current: &str, host: Ipv4Addr, key: &PublicKey) -> Pinne
     let host = host.to_string();
     let lines: Vec<&str> = config_lines(current).collect();
     // (hosts, rest) of a line that pins a key of this type for this host.
+    // (other hosts, rest) of a line that pins a key of this type for this
+    // host; read as ssh reads it, or an old pin would survive.
     let for_host = |line: &str| -> Option<(Vec<String>, String)> {
-        // ssh skips leading blanks: so must we, or an old pin survives.
-        let line = line_content(line).trim_start();
-        let (hosts, rest) = line.split_once(char::is_whitespace)?;
-        let names: Vec<&str> = hosts.split(',').collect();
-        let rest = rest.trim_start();
+        let (names, rest) = known_hosts_entry(line)?;
         (names.contains(&host.as_str()) && rest.split_whitespace().next() == Some(&key.key_type))
             .then(|| {
                 let others = names.iter().filter(|h| **h != host).map(|h| h.to_string());
