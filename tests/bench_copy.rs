@@ -32,7 +32,8 @@ fn bench() -> Result<()> {
     primary
         .run_module(
             "cluster_enter_primary_mode",
-            &json!({"address": primary.ip, "replication_password": PASSWORD, "redis_password": PASSWORD}),
+            &json!({"address": primary.ip, "replication_password": PASSWORD,
+                    "redis_password": PASSWORD, "kafka_password": PASSWORD}),
         )?
         .ok()?;
     secondary

@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use hapair_tests::pair::{primary_mode, set_protected, REDIS_PASSWORD};
+use hapair_tests::pair::{primary_mode, set_protected, KAFKA_PASSWORD, REDIS_PASSWORD};
 use hapair_tests::{Fleet, Host};
 use serde_json::json;
 
@@ -73,7 +73,8 @@ fn kafka(primary: &Host, secondary: &Host) -> Result<()> {
     secondary
         .run_module(
             "cluster_start_kafka_sync",
-            &json!({"primary_address": primary.ip, "refresh_interval": 5}),
+            &json!({"primary_address": primary.ip, "refresh_interval": 5,
+                    "kafka_password": KAFKA_PASSWORD}),
         )?
         .ok()?;
     primary.sh(&format!(

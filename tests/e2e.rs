@@ -6,6 +6,7 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
+use hapair_tests::pair::{kafka_login_file, KAFKA_PAIR_PORT};
 use hapair_tests::{
     ensure_eq, module_binary, module_names, repo_root, suite, wait_for, Fleet, Host, Test,
 };
@@ -20,7 +21,8 @@ const TESTS: &[Test] = &[
 ];
 
 fn main() -> ExitCode {
-    suite("e2e", 2, 2, TESTS)
+    // The third host is the outsider: on the pair's network, not of it.
+    suite("e2e", 3, 2, TESTS)
 }
 
 fn venv_bin(tool: &str) -> Result<PathBuf> {
@@ -185,18 +187,12 @@ const SET_UP_PATHS: &[&str] = &[
 /// The pair's passwords, as the fleet wrote them into its inventory.
 fn passwords(fleet: &Fleet) -> Result<Vec<String>> {
     let inventory = std::fs::read_to_string(fleet.inventory())?;
-    let found: Vec<String> = inventory
-        .lines()
-        .filter_map(|l| {
-            l.strip_prefix("hapair_replication_password=")
-                .or_else(|| l.strip_prefix("hapair_redis_password="))
+    ["replication", "redis", "kafka"]
+        .iter()
+        .map(|name| {
+            inventory_password(&inventory, &format!("hapair_{name}_password")).map(String::from)
         })
-        .map(String::from)
-        .collect();
-    if found.len() != 2 {
-        bail!("the fleet inventory lacks the pair's passwords");
-    }
-    Ok(found)
+        .collect()
 }
 
 /// Fails when any of `secrets` is in the run's output.
@@ -304,10 +300,7 @@ fn ha_setup(fleet: &Fleet) -> Result<()> {
     // Step 9: the secondary's Redis is a read-only replica, and a key set
     // on the primary arrives.
     let inventory = std::fs::read_to_string(fleet.inventory())?;
-    let redis_password = inventory
-        .lines()
-        .find_map(|l| l.strip_prefix("hapair_redis_password="))
-        .context("the fleet inventory has no Redis password")?;
+    let redis_password = inventory_password(&inventory, "hapair_redis_password")?;
     let redis = |host: &Host, command: &str| {
         host.sh(&format!(
             "REDISCLI_AUTH='{redis_password}' redis-cli --no-auth-warning {command}"
@@ -320,6 +313,8 @@ fn ha_setup(fleet: &Fleet) -> Result<()> {
     if !redis(secondary, "SET e2e other")?.contains("READONLY") {
         bail!("the secondary's Redis takes writes");
     }
+    only_the_pair_gets_in(fleet, &inventory)?;
+
     let started = |host: &Host| psql(host, "select pg_postmaster_start_time()");
     let start_times = (started(primary)?, started(secondary)?);
     let set_up = [
@@ -351,6 +346,121 @@ fn ha_setup(fleet: &Fleet) -> Result<()> {
         "ha_setup.yml wall time: first run {:.1}s, second (idempotent) run {:.1}s",
         first.seconds, second.seconds
     );
+    Ok(())
+}
+
+/// A password of the fleet's inventory.
+fn inventory_password<'a>(inventory: &'a str, name: &str) -> Result<&'a str> {
+    inventory
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}=")))
+        .with_context(|| format!("the fleet inventory has no {name}"))
+}
+
+/// After set-up, both hosts' PostgreSQL, Redis and Kafka listen on the
+/// pair's network, and the outsider (a third host on it) is refused by
+/// each of them without the pair's credentials.
+fn only_the_pair_gets_in(fleet: &Fleet, inventory: &str) -> Result<()> {
+    let outsider = fleet.host("host3");
+    let replication_password = inventory_password(inventory, "hapair_replication_password")?;
+    let redis_password = inventory_password(inventory, "hapair_redis_password")?;
+    let kafka_password = inventory_password(inventory, "hapair_kafka_password")?;
+    // A Kafka client's settings: plaintext (no login), a wrong login, the
+    // pair's login. Short timeouts: a refused client retries until then.
+    let timeouts = "request.timeout.ms=5000\ndefault.api.timeout.ms=8000\n";
+    outsider.write(
+        "/tmp/plaintext.properties",
+        &format!("security.protocol=PLAINTEXT\n{timeouts}"),
+    )?;
+    for (file, password) in [("wrong", "not-the-pair-password"), ("pair", kafka_password)] {
+        kafka_login_file(outsider, &format!("/tmp/{file}.properties"), password)?;
+    }
+    let topics = |ip: &str, port: u16, config: &str| {
+        outsider.sh_output(&format!(
+            "/opt/kafka/bin/kafka-topics.sh --bootstrap-server {ip}:{port} \
+             --command-config /tmp/{config}.properties --list"
+        ))
+    };
+    let said = |out: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+
+    for host in [fleet.host("primary"), fleet.host("secondary")] {
+        let ip = &host.ip;
+        // Every service listens on the pair's address.
+        for port in [5432, 6379, KAFKA_PAIR_PORT] {
+            if !outsider.succeeds(&format!("nc -z -w 3 {ip} {port}"))? {
+                bail!("{}: nothing listens on {ip}:{port}", host.name);
+            }
+        }
+        // Kafka's plaintext listener is not open beyond loopback.
+        if outsider.succeeds(&format!("nc -z -w 3 {ip} 9092"))? {
+            bail!(
+                "{}: Kafka's plaintext listener is open on {ip}:9092",
+                host.name
+            );
+        }
+
+        // PostgreSQL: no rule lets the outsider in, even with the
+        // replication role's own password.
+        let pg = outsider.sh_output(&format!(
+            "PGPASSWORD='{replication_password}' psql -XAt \
+             'host={ip} user=hapair_replication dbname=postgres sslmode=require connect_timeout=5' \
+             -c 'select 1'"
+        ))?;
+        if pg.status.success() || !said(&pg).contains("no pg_hba.conf entry") {
+            bail!(
+                "{}: PostgreSQL let the outsider in: {}",
+                host.name,
+                said(&pg)
+            );
+        }
+
+        // Redis: nothing without the password.
+        let redis = outsider.sh_output(&format!("redis-cli -h {ip} get e2e"))?;
+        if !said(&redis).contains("NOAUTH") {
+            bail!(
+                "{}: Redis answers without a password: {}",
+                host.name,
+                said(&redis)
+            );
+        }
+        let with_password = outsider.sh(&format!(
+            "REDISCLI_AUTH='{redis_password}' redis-cli --no-auth-warning -h {ip} ping"
+        ))?;
+        ensure_eq!(with_password.trim(), "PONG");
+
+        // Kafka: the pair listener refuses a client without a login and a
+        // wrong login, and lets the pair's login in.
+        let plaintext = topics(ip, KAFKA_PAIR_PORT, "plaintext")?;
+        if plaintext.status.success() {
+            bail!(
+                "{}: Kafka's pair listener answers without a login: {}",
+                host.name,
+                said(&plaintext)
+            );
+        }
+        let wrong = topics(ip, KAFKA_PAIR_PORT, "wrong")?;
+        if wrong.status.success() || !said(&wrong).contains("Authentication failed") {
+            bail!(
+                "{}: Kafka's pair listener took a wrong login: {}",
+                host.name,
+                said(&wrong)
+            );
+        }
+        let pair = topics(ip, KAFKA_PAIR_PORT, "pair")?;
+        if !pair.status.success() {
+            bail!(
+                "{}: Kafka's pair listener refused the pair's login: {}",
+                host.name,
+                said(&pair)
+            );
+        }
+    }
     Ok(())
 }
 

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use hapair_tests::pair::{primary_mode, set_protected, REDIS_PASSWORD};
+use hapair_tests::pair::{primary_mode, set_protected, KAFKA_PASSWORD, REDIS_PASSWORD};
 use hapair_tests::{ensure_eq, suite, wait_for, Fleet, Host, ModuleRun, Test};
 use serde_json::{json, Value};
 
@@ -43,7 +43,8 @@ fn sync(secondary: &Host, primary: &Host) -> Result<ModuleRun> {
     // A short refresh, so that new topics and group offsets show up soon.
     secondary.run_module(
         "cluster_start_kafka_sync",
-        &json!({"primary_address": primary.ip, "refresh_interval": 5}),
+        &json!({"primary_address": primary.ip, "refresh_interval": 5,
+                "kafka_password": KAFKA_PASSWORD}),
     )
 }
 
@@ -201,14 +202,16 @@ fn rerun(fleet: &Fleet) -> Result<()> {
     ensure_eq!(again.changed(), false);
     let check = secondary.run_module(
         "cluster_start_kafka_sync",
-        &json!({"primary_address": primary.ip, "refresh_interval": 5, "_ansible_check_mode": true}),
+        &json!({"primary_address": primary.ip, "refresh_interval": 5,
+                "kafka_password": KAFKA_PASSWORD, "_ansible_check_mode": true}),
     )?;
     ensure_eq!(check.ok()?.changed(), false);
     ensure_eq!(since(secondary)?, before);
     // A changed setting rewrites the configuration and restarts the unit.
     let changed = secondary.run_module(
         "cluster_start_kafka_sync",
-        &json!({"primary_address": primary.ip, "refresh_interval": 6, "_ansible_diff": true}),
+        &json!({"primary_address": primary.ip, "refresh_interval": 6,
+                "kafka_password": KAFKA_PASSWORD, "_ansible_diff": true}),
     )?;
     let changed = changed.ok()?;
     ensure_eq!(changed.changed(), true);
@@ -219,6 +222,17 @@ fn rerun(fleet: &Fleet) -> Result<()> {
     if !diff.to_string().contains("interval.seconds = 6") {
         bail!("the diff does not show the new interval: {diff}");
     }
+    // The configuration holds the pair's login: the diff masks it, and
+    // only root and Kafka's group read the file.
+    if diff.to_string().contains("Secret") || !diff.to_string().contains("sasl.jaas.config") {
+        bail!("the diff shows the login, or no line of it: {diff}");
+    }
+    ensure_eq!(
+        secondary
+            .sh("stat -c '%a %U %G' /etc/hapair/mirrormaker.properties")?
+            .trim(),
+        "640 root kafka"
+    );
     sync(secondary, primary)?.ok()?;
     Ok(())
 }

@@ -107,6 +107,7 @@ fn a_password_of_the_wrong_type_or_shape_is_never_echoed() {
             "address": "198.18.255.1",
             "replication_password": password,
             "redis_password": "another long password",
+            "kafka_password": "a third long password",
         })
         .to_string();
         let output = run(

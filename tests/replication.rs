@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use hapair_tests::pair::{
-    add_secondary, make_foreign_cluster, primary_mode_args, replicate, set_protected, sql, trust,
-    PSQL, REDIS_PASSWORD, REPLICATION_PASSWORD,
+    add_secondary, kafka_login_file, make_foreign_cluster, primary_mode_args, replicate,
+    set_protected, sql, trust, KAFKA_PAIR_PORT, KAFKA_PASSWORD, PSQL, REDIS_PASSWORD,
+    REPLICATION_PASSWORD,
 };
 use hapair_tests::{ensure_eq, suite, wait_for, Fleet, Host, Test, MODULE_DIR};
 use serde_json::{json, Value};
@@ -122,17 +123,36 @@ fn primary_mode(fleet: &Fleet) -> Result<()> {
         "640 redis"
     );
 
-    // Kafka: a client on the secondary, bootstrapping from the primary's
-    // address, gets an advertised listener it can reach.
+    // Kafka: a client on the secondary, logged in to the primary's pair
+    // listener, gets an advertised listener it can reach.
+    kafka_login_file(secondary, "/tmp/pair-login.properties", KAFKA_PASSWORD)?;
     let topics = secondary.sh(&format!(
-        "/opt/kafka/bin/kafka-topics.sh --bootstrap-server {}:9092 --create --if-not-exists \
+        "B={}:{KAFKA_PAIR_PORT}; C='--command-config /tmp/pair-login.properties'; \
+         /opt/kafka/bin/kafka-topics.sh --bootstrap-server $B $C --create --if-not-exists \
          --topic step4 --partitions 1 --replication-factor 1 && \
-         echo hello | /opt/kafka/bin/kafka-console-producer.sh --bootstrap-server {0}:9092 --topic step4 && \
-         /opt/kafka/bin/kafka-console-consumer.sh --bootstrap-server {0}:9092 --topic step4 \
+         echo hello | /opt/kafka/bin/kafka-console-producer.sh --bootstrap-server $B \
+         --producer.config /tmp/pair-login.properties --topic step4 && \
+         /opt/kafka/bin/kafka-console-consumer.sh --bootstrap-server $B \
+         --consumer.config /tmp/pair-login.properties --topic step4 \
          --from-beginning --max-messages 1 --timeout-ms 30000",
         primary.ip
     ))?;
     ensure_eq!(topics.trim().lines().last(), Some("hello"));
+    // Kafka's plaintext listener is on loopback only now.
+    ensure_eq!(
+        primary
+            .sh("ss -Hltn 'sport = :9092' | awk '{print $4}'")?
+            .trim(),
+        "127.0.0.1:9092"
+    );
+    // The password reached the broker in a file, removed at once: nothing
+    // of it is left in root's directory.
+    ensure_eq!(
+        primary
+            .sh("ls -A /etc/hapair | grep -c kafka-login || true")?
+            .trim(),
+        "0"
+    );
 
     let config: Value = serde_json::from_str(&primary.sh("cat /etc/hapair/instance.json")?)?;
     ensure_eq!(config["cluster"]["replication_mode"], "primary");

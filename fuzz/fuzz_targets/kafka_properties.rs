@@ -1,10 +1,11 @@
 //! Kafka's properties file: setting a key twice equals once; the key is
 //! assigned exactly once after; every line that doesn't assign it stays,
-//! in order.
+//! in order. The pair listener: once it is set, setting it again changes
+//! nothing, and no plaintext listener is left open to the pair's address.
 #![no_main]
 
 use hapair_core::files::config_lines;
-use hapair_core::kafka::with_property;
+use hapair_core::kafka::{property, with_pair_listener, with_property};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -28,4 +29,19 @@ fuzz_target!(|data: &[u8]| {
             .collect()
     };
     assert_eq!(others(&once), others(text));
+
+    let address = std::net::Ipv4Addr::new(198, 18, 0, 11);
+    if let Ok(paired) = with_pair_listener(text, address, 9094) {
+        assert_eq!(with_pair_listener(&paired, address, 9094).unwrap(), paired);
+        let listeners = property(&paired, "listeners").unwrap();
+        assert_eq!(listeners.matches("PAIR://198.18.0.11:9094").count(), 1, "{listeners}");
+        // Without a map or controllers, a listener named PLAINTEXT is one.
+        let plain = property(text, "listener.security.protocol.map").is_none()
+            && property(text, "controller.listener.names").is_none();
+        for entry in listeners.split(',').filter(|_| plain) {
+            for open in ["PLAINTEXT://:", "PLAINTEXT://0.0.0.0:", "PLAINTEXT://198.18.0.11:"] {
+                assert!(!entry.starts_with(open), "{listeners}");
+            }
+        }
+    }
 });

@@ -10,6 +10,12 @@ use crate::{exchange_keys, Host, ModuleRun};
 /// The pair's test passwords (the fleet's hosts are throwaway).
 pub const REPLICATION_PASSWORD: &str = "repl-Secret-0123456789";
 pub const REDIS_PASSWORD: &str = "redis-Secret-0123456789";
+/// The Kafka login's: quotes and a backslash, which the JAAS line and the
+/// properties file each quote by their own rules.
+pub const KAFKA_PASSWORD: &str = r#"kafka-"Secret"\0123456789"#;
+pub const KAFKA_USER: &str = "hapair";
+/// Kafka's pair listener (SASL SCRAM) on each host's pair address.
+pub const KAFKA_PAIR_PORT: u16 = 9094;
 
 /// Seed step 4's options for `host`.
 pub fn primary_mode_args(host: &Host) -> Value {
@@ -17,8 +23,24 @@ pub fn primary_mode_args(host: &Host) -> Value {
         "address": host.ip,
         "replication_password": REPLICATION_PASSWORD,
         "redis_password": REDIS_PASSWORD,
+        "kafka_password": KAFKA_PASSWORD,
         "_ansible_diff": true,
     })
+}
+
+/// Writes the client settings of a Kafka tool on `host` that logs in to a
+/// pair listener with `password`, at `path` (for `--command-config`).
+pub fn kafka_login_file(host: &Host, path: &str, password: &str) -> Result<()> {
+    let jaas_password = password.replace('\\', "\\\\").replace('"', "\\\"");
+    let text = format!(
+        "security.protocol=SASL_PLAINTEXT\nsasl.mechanism=SCRAM-SHA-512\n\
+         sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required \
+         username=\"{KAFKA_USER}\" password=\"{}\";\n\
+         request.timeout.ms=10000\ndefault.api.timeout.ms=15000\n",
+        jaas_password.replace('\\', "\\\\")
+    );
+    host.write(path, &text)?;
+    Ok(())
 }
 
 pub const PSQL: &str = "runuser -u postgres -- psql -XAt";

@@ -7,7 +7,8 @@
 //!   this host's disk), listening on the pair's address, and a replication
 //!   role whose password is set as a SCRAM verifier;
 //! - Redis: listening on the pair's address, with a password;
-//! - Kafka: advertising its listener on the pair's address;
+//! - Kafka: a listener on the pair's address that requires the pair's
+//!   SCRAM login, and no plaintext listener open beyond loopback;
 //! - the instance config: `cluster.replication_mode = primary`.
 //!
 //! A service is restarted only when its configuration changed, and
@@ -16,7 +17,6 @@
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use hapair_core::files::{self, FilePlan};
@@ -64,6 +64,17 @@ pub(crate) struct Args {
     kafka_port: u16,
     #[serde(default = "kafka::default_unit")]
     kafka_unit: String,
+    #[serde(default = "kafka::default_home")]
+    kafka_home: PathBuf,
+    /// The account Kafka and its tools run as.
+    #[serde(default = "kafka::default_run_as")]
+    kafka_run_as: String,
+    /// The pair listener's port, on `address`.
+    #[serde(default = "kafka::default_pair_port")]
+    kafka_pair_port: u16,
+    #[serde(default = "kafka::default_user")]
+    kafka_user: String,
+    kafka_password: Secret,
     #[serde(default = "instance::default_path")]
     instance_config: PathBuf,
 }
@@ -128,14 +139,8 @@ fn cluster_enter_primary_mode(args: Args, ctx: &mut Context) -> Result<Outcome> 
         redis_config.config_mode(),
         Some(redis_owner),
     )?;
-    let advertised = format!("PLAINTEXT://{address}:{}", args.kafka_port);
-    let kafka_config = files::existing(&args.kafka_config)?;
-    files.file(
-        &args.kafka_config,
-        |text| kafka::with_property(text, "advertised.listeners", &advertised),
-        kafka_config.config_mode(),
-        Some(kafka_config.owner),
-    )?;
+    let kafka = pair_kafka(&args, address)?;
+    kafka.plan(&mut files)?;
     if !cluster.tls_enabled()? {
         bail!(
             "PostgreSQL on this host has ssl = off: the secondary's replication connection \
@@ -149,6 +154,7 @@ fn cluster_enter_primary_mode(args: Args, ctx: &mut Context) -> Result<Outcome> 
     let config = InstanceConfig::load(&args.instance_config)?;
     let mode_key = Key::parse(instance::REPLICATION_MODE)?;
     let mode_ok = config.value(&mode_key) == Some(Value::String("primary".into()));
+    let kafka_login_works = kafka.login_works(&files)?;
 
     let mut actions: Vec<String> = files.changes.iter().map(|c| c.action.clone()).collect();
     if !role_ok {
@@ -157,6 +163,9 @@ fn cluster_enter_primary_mode(args: Args, ctx: &mut Context) -> Result<Outcome> 
             if role.is_some() { "update" } else { "create" },
             args.replication_user
         ));
+    }
+    if !kafka_login_works {
+        actions.push(format!("set the Kafka login {}", args.kafka_user));
     }
     if !mode_ok {
         actions.push("set cluster.replication_mode = primary".into());
@@ -173,7 +182,9 @@ fn cluster_enter_primary_mode(args: Args, ctx: &mut Context) -> Result<Outcome> 
                 reloaded.push(cluster.unit.to_string());
             } else {
                 cluster.unit.restart()?;
-                wait_for_port(Ipv4Addr::LOCALHOST, args.postgresql_port, &cluster.unit)?;
+                cluster
+                    .unit
+                    .wait_for_port(Ipv4Addr::LOCALHOST, args.postgresql_port)?;
                 restarted.push(format!("{} ({})", cluster.unit, pending.join(", ")));
             }
         }
@@ -189,11 +200,8 @@ fn cluster_enter_primary_mode(args: Args, ctx: &mut Context) -> Result<Outcome> 
             unit.restart()?;
             restarted.push(unit.to_string());
         }
-        if files.changes(&args.kafka_config) {
-            let unit = Unit::new(&args.kafka_unit);
-            unit.restart()?;
-            wait_for_port(address, args.kafka_port, &unit)?;
-            restarted.push(unit.to_string());
+        if kafka.apply(&files, kafka_login_works)? {
+            restarted.push(kafka.unit.to_string());
         }
         if !mode_ok {
             InstanceConfig::update(&args.instance_config, |config| {
@@ -239,16 +247,20 @@ fn postgres_dropin(args: &Args, address: Ipv4Addr) -> String {
     )
 }
 
-/// Waits until a restarted service accepts connections again.
-fn wait_for_port(address: Ipv4Addr, port: u16, unit: &Unit) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while Instant::now() < deadline {
-        if net::probe(address, port, Duration::from_secs(1)).open {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    bail!("{unit} was restarted but does not accept connections on {address}:{port} after 90 s; see journalctl -u {unit}")
+fn pair_kafka(args: &Args, address: Ipv4Addr) -> Result<kafka::PairKafka> {
+    hapair_core::account::check_name(&args.kafka_run_as)?;
+    Ok(kafka::PairKafka {
+        config: args.kafka_config.clone(),
+        unit: Unit::new(&args.kafka_unit),
+        port: args.kafka_port,
+        address,
+        pair_port: args.kafka_pair_port,
+        login: kafka::Login::new(&args.kafka_user, &args.kafka_password)?,
+        tools: kafka::Tools {
+            home: files::clean_path("kafka_home", &args.kafka_home)?,
+            run_as: args.kafka_run_as.clone(),
+        },
+    })
 }
 
 #[cfg(test)]
@@ -258,6 +270,6 @@ mod tests {
 
     hapair_core::doc_test!(
         Args,
-        json!({"address": "10.0.0.1", "replication_password": "a long test password", "redis_password": "another test password"})
+        json!({"address": "10.0.0.1", "replication_password": "a long test password", "redis_password": "another test password", "kafka_password": "a third test password"})
     );
 }

@@ -235,6 +235,11 @@ fn cluster_replicate_postgres(args: Args, ctx: &mut Context) -> Result<Outcome> 
         Some(a) => instance::parse_ipv4_str("address", a)?,
         None => net::source_address_for(primary)?,
     };
+    // PostgreSQL listens on it: an address of another host would keep it
+    // from starting.
+    if !net::host_ipv4_addresses()?.contains(&address) {
+        bail!("address {address} is not one of this host's addresses: pass the address the primary reaches it at");
+    }
     if let Some(rate) = &args.max_rate {
         check_rate(rate)?;
     }
@@ -284,7 +289,7 @@ fn cluster_replicate_postgres(args: Args, ctx: &mut Context) -> Result<Outcome> 
         0o600,
         Some(postgres_owner),
     )?;
-    let settings = standby_settings(&step.upstream, &step.slot, &passfile)?;
+    let settings = standby_settings(&step.upstream, &step.slot, &passfile, address)?;
     files.file(
         &step.standby_dropin,
         |_| settings,
@@ -529,8 +534,13 @@ fn already_streaming(
     let changed = recovered || !files.changes.is_empty() || !mode_ok || !removes.is_empty();
     if changed && !ctx.check_mode {
         files.apply()?;
-        if files.changes(&step.standby_dropin) {
-            step.cluster.reload()?;
+        if files.changes(&step.standby_dropin) && !step.cluster.reload()?.is_empty() {
+            // listen_addresses, say: a standby restarts in a moment, and
+            // resumes streaming from its slot.
+            step.cluster.unit.restart()?;
+            step.cluster
+                .unit
+                .wait_for_port(Ipv4Addr::LOCALHOST, step.args.postgresql_port)?;
         }
         if !mode_ok {
             set_mode_secondary(&step.args.instance_config)?;
@@ -878,14 +888,21 @@ fn passfile_line(upstream: &Upstream) -> String {
 }
 
 /// The standby settings: each value quoted for libpq inside the
-/// connection string, and the whole for postgresql.conf.
-fn standby_settings(upstream: &Upstream, slot: &str, passfile: &Path) -> Result<String> {
+/// connection string, and the whole for postgresql.conf. The standby
+/// listens on the pair's address too: after a failover it serves clients.
+fn standby_settings(
+    upstream: &Upstream,
+    slot: &str,
+    passfile: &Path,
+    address: Ipv4Addr,
+) -> Result<String> {
     let passfile = passfile
         .to_str()
         .context("the passfile's path is not UTF-8")?;
     let conninfo = upstream.conninfo(&[("passfile", passfile), ("application_name", slot)]);
     Ok(format!(
         "# Written by hapair's cluster_replicate_postgres: changes here are overwritten.\n\
+         listen_addresses = 'localhost,{address}'\n\
          primary_conninfo = {}\n\
          primary_slot_name = {}\n\
          hot_standby = 'on'\n",
@@ -916,15 +933,27 @@ mod tests {
             passfile_line(&upstream),
             "10.0.0.1:5432:*:hapair_replication:a\\:b\\\\c\n"
         );
-        let settings =
-            standby_settings(&upstream, "hapair_10_0_0_2", Path::new("/it's /p")).unwrap();
+        let settings = standby_settings(
+            &upstream,
+            "hapair_10_0_0_2",
+            Path::new("/it's /p"),
+            Ipv4Addr::new(10, 0, 0, 2),
+        )
+        .unwrap();
+        assert!(settings.contains("listen_addresses = 'localhost,10.0.0.2'\n"));
         assert!(settings.contains("primary_slot_name = 'hapair_10_0_0_2'"));
         assert!(
             settings.contains("passfile=''/it\\\\''s /p''"),
             "the path is quoted for libpq, then for the file: {settings}"
         );
         assert!(settings.contains("sslmode=''require'' channel_binding=''require''"));
-        assert!(standby_settings(&upstream, "s", Path::new("/a\nrestore_command=x")).is_err());
+        assert!(standby_settings(
+            &upstream,
+            "s",
+            Path::new("/a\nrestore_command=x"),
+            Ipv4Addr::LOCALHOST
+        )
+        .is_err());
         assert!(!settings.contains("a:b"));
     }
 

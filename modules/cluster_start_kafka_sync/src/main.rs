@@ -9,6 +9,11 @@
 //!   topics fit a one-broker cluster; new topics are found within the
 //!   refresh interval (MirrorMaker's default is ten minutes).
 //!
+//! This host's Kafka gets the pair listener too (as step 4 gives the
+//! primary's): after a failover it serves the pair's clients. MirrorMaker
+//! reads the primary through the primary's pair listener, with the pair's
+//! login.
+//!
 //! The primary is checked first. Once the unit runs, the module waits until
 //! the primary's heartbeats arrive here (`primary.heartbeats`): mirroring
 //! is proven running, not just started. A re-run with the same settings
@@ -20,12 +25,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
-use hapair_core::files::{self, FilePlan};
+use hapair_core::account::Account;
+use hapair_core::files::{self, FilePlan, Owner};
 use hapair_core::instance::{self, InstanceConfig};
-use hapair_core::kafka::{self, Tools};
+use hapair_core::kafka::{self, Login, PairKafka, Tools};
 use hapair_core::protocol::Seconds;
 use hapair_core::services::{self, Unit};
-use hapair_core::{protocol, wait, Context, Outcome, Spec};
+use hapair_core::{net, protocol, wait, Context, Outcome, Secret, Spec};
 use serde::Deserialize;
 
 const SPEC: Spec = Spec {
@@ -38,6 +44,19 @@ const SPEC: Spec = Spec {
 #[cfg_attr(test, derive(serde::Serialize))]
 pub(crate) struct Args {
     primary_address: String,
+    /// This host's address on the pair's network (default: the one it
+    /// reaches the primary from).
+    address: Option<String>,
+    #[serde(default = "kafka::default_user")]
+    kafka_user: String,
+    kafka_password: Secret,
+    /// The pair listener's port, the same on both hosts.
+    #[serde(default = "kafka::default_pair_port")]
+    kafka_pair_port: u16,
+    #[serde(default = "kafka::default_config")]
+    kafka_config: PathBuf,
+    #[serde(default = "kafka::default_unit")]
+    kafka_unit: String,
     /// The topics to mirror (a Java regex).
     #[serde(default = "default_pattern")]
     topics: String,
@@ -52,8 +71,8 @@ pub(crate) struct Args {
     kafka_port: u16,
     #[serde(default = "kafka::default_home")]
     kafka_home: PathBuf,
-    /// The account MirrorMaker and Kafka's tools run as.
-    #[serde(default = "default_run_as")]
+    /// The account Kafka, its tools and MirrorMaker run as.
+    #[serde(default = "kafka::default_run_as")]
     run_as: String,
     #[serde(default = "default_heap")]
     heap: String,
@@ -69,9 +88,6 @@ fn default_pattern() -> String {
 }
 fn default_refresh_interval() -> Seconds {
     Seconds::new(30)
-}
-fn default_run_as() -> String {
-    "kafka".into()
 }
 fn default_heap() -> String {
     "256m".into()
@@ -94,13 +110,43 @@ fn main() -> ExitCode {
 
 fn cluster_start_kafka_sync(args: Args, ctx: &mut Context) -> Result<Outcome> {
     let primary = instance::parse_ipv4_str("primary_address", &args.primary_address)?;
+    let address = match &args.address {
+        Some(a) => instance::parse_ipv4_str("address", a)?,
+        None => net::source_address_for(primary)?,
+    };
     hapair_core::account::check_name(&args.run_as)?;
     let heap = check_heap(&args.heap)?;
     let home = files::clean_path("kafka_home", &args.kafka_home)?;
+    let kafka = PairKafka {
+        config: args.kafka_config.clone(),
+        unit: Unit::new(&args.kafka_unit),
+        port: args.kafka_port,
+        address,
+        pair_port: args.kafka_pair_port,
+        login: Login::new(&args.kafka_user, &args.kafka_password)?,
+        tools: Tools {
+            home: home.clone(),
+            run_as: args.run_as.clone(),
+        },
+    };
     let unit = Unit::new(UNIT);
     let mut files = FilePlan::default();
-    let properties = mirrormaker_properties(&args, primary)?;
-    files.file(Path::new(CONFIG), |_| properties, 0o644, None)?;
+    kafka.plan(&mut files)?;
+    let properties = mirrormaker_properties(&args, primary, &kafka.login)?;
+    let kafka_group = Account::lookup(&args.run_as)?
+        .with_context(|| format!("Kafka's account {} does not exist", args.run_as))?
+        .gid;
+    // It holds the pair's login: root's, read by Kafka's group. Its diff
+    // masks the login's line.
+    files.file(
+        Path::new(CONFIG),
+        |_| properties,
+        0o640,
+        Some(Owner {
+            uid: 0,
+            gid: kafka_group,
+        }),
+    )?;
     files.file(
         &unit.file(),
         |_| unit_text(&home, &args.run_as, heap),
@@ -108,16 +154,13 @@ fn cluster_start_kafka_sync(args: Args, ctx: &mut Context) -> Result<Outcome> {
         None,
     )?;
 
-    let tools = Tools {
-        home: home.clone(),
-        run_as: args.run_as.clone(),
-    };
     let local = format!("127.0.0.1:{}", args.kafka_port);
     let active = unit.is_active()?;
-    if files.changes.is_empty() && active && unit.is_enabled()? {
+    let login_works = kafka.login_works(&files)?;
+    if files.changes.is_empty() && login_works && active && unit.is_enabled()? {
         return Ok(Outcome::unchanged(format!(
             "MirrorMaker 2 already mirrors {primary}:{} into this host's Kafka",
-            args.kafka_port
+            args.kafka_pair_port
         ))
         .with("unit", UNIT));
     }
@@ -129,14 +172,18 @@ fn cluster_start_kafka_sync(args: Args, ctx: &mut Context) -> Result<Outcome> {
             instance::UNPROTECT_HINT
         );
     }
-    // The primary first.
-    let source = format!("{primary}:{}", args.kafka_port);
-    tools.topics(&source).with_context(|| {
-        format!(
-            "the primary's Kafka at {source} does not answer; nothing was changed here. Check \
-             that it runs and advertises its listener on the pair's address (seed step 4)"
-        )
-    })?;
+    // The primary first, through its pair listener with the pair's login.
+    let source = format!("{primary}:{}", args.kafka_pair_port);
+    kafka
+        .tools
+        .topics(&source, Some(&kafka.login))
+        .with_context(|| {
+            format!(
+                "the primary's Kafka at {source} does not let the pair's login in; nothing was \
+             changed here. Check that it runs with the pair listener and the same \
+             kafka_password (seed step 4)"
+            )
+        })?;
 
     let restart = !files.changes.is_empty() || !active;
     let mut outcome = if ctx.check_mode {
@@ -146,6 +193,7 @@ fn cluster_start_kafka_sync(args: Args, ctx: &mut Context) -> Result<Outcome> {
     } else {
         let unit_changed = files.changes(&unit.file());
         files.apply()?;
+        kafka.apply(&files, login_works)?;
         if unit_changed {
             services::daemon_reload()?;
         }
@@ -153,7 +201,7 @@ fn cluster_start_kafka_sync(args: Args, ctx: &mut Context) -> Result<Outcome> {
         if restart {
             unit.restart()?;
         }
-        wait_for_heartbeats(&tools, &local, &unit, args.start_timeout)?;
+        wait_for_heartbeats(&kafka.tools, &local, &unit, args.start_timeout)?;
         Outcome::changed(format!(
             "MirrorMaker 2 ({UNIT}) mirrors {source} into this host's Kafka; the primary's \
              heartbeats arrive here"
@@ -179,16 +227,19 @@ fn check_heap(heap: &str) -> Result<&str> {
 
 /// MirrorMaker 2's configuration: one direction only, identity names, and
 /// replication factors of 1 for a one-broker cluster.
-fn mirrormaker_properties(args: &Args, primary: Ipv4Addr) -> Result<String> {
+fn mirrormaker_properties(args: &Args, primary: Ipv4Addr, login: &Login) -> Result<String> {
     // The primary's heartbeats are always mirrored: they prove the flow.
     let topics = kafka::property_value("topics", &format!("heartbeats|{}", args.topics))?;
     let groups = kafka::property_value("groups", &args.groups)?;
     let refresh = args.refresh_interval.get();
     let port = args.kafka_port;
+    let pair_port = args.kafka_pair_port;
+    let source_login = login.client_properties(&format!("{SOURCE}."))?;
     Ok(format!(
         "# Written by hapair's cluster_start_kafka_sync: changes here are overwritten.\n\
          clusters = {SOURCE}, {TARGET}\n\
-         {SOURCE}.bootstrap.servers = {primary}:{port}\n\
+         {SOURCE}.bootstrap.servers = {primary}:{pair_port}\n\
+         {source_login}\
          {TARGET}.bootstrap.servers = 127.0.0.1:{port}\n\
          # One direction only: with identity names, two would loop.\n\
          {SOURCE}->{TARGET}.enabled = true\n\
@@ -258,24 +309,43 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    hapair_core::doc_test!(Args, json!({"primary_address": "10.0.0.1"}));
+    hapair_core::doc_test!(
+        Args,
+        json!({"primary_address": "10.0.0.1", "kafka_password": "a long test password"})
+    );
+
+    fn login() -> Login {
+        Login::new("hapair", &Secret::new("a \"long\" test\\password")).unwrap()
+    }
 
     #[test]
     fn only_one_direction_is_enabled_with_identity_names() {
-        let args: Args =
-            serde_json::from_value(json!({"primary_address": "10.0.0.1", "topics": r"orders\..*"}))
-                .unwrap();
-        let text = mirrormaker_properties(&args, Ipv4Addr::new(10, 0, 0, 1)).unwrap();
+        let args: Args = serde_json::from_value(
+            json!({"primary_address": "10.0.0.1", "topics": r"orders\..*",
+                                          "kafka_password": "a long test password"}),
+        )
+        .unwrap();
+        let text = mirrormaker_properties(&args, Ipv4Addr::new(10, 0, 0, 1), &login()).unwrap();
         assert!(text.contains("primary->secondary.enabled = true\n"));
         assert!(text.contains("secondary->primary.enabled = false\n"));
         assert!(text.contains("IdentityReplicationPolicy\n"));
         assert!(text.contains(r"primary->secondary.topics = heartbeats|orders\\..*"));
         assert!(text.contains("refresh.topics.interval.seconds = 30\n"));
+        // The primary is read through its pair listener, logged in; the
+        // password quoted for JAAS, then for the properties file.
+        assert!(text.contains("primary.bootstrap.servers = 10.0.0.1:9094\n"));
+        assert!(text.contains("primary.security.protocol = SASL_PLAINTEXT\n"));
+        assert!(
+            text.contains(r#"password="a \\"long\\" test\\\\password";"#),
+            "{text}"
+        );
+        assert!(!text.contains("secondary.security.protocol"));
         let bad: Args = serde_json::from_value(
-            json!({"primary_address": "10.0.0.1", "topics": "x\nsecondary->primary.enabled = true"}),
+            json!({"primary_address": "10.0.0.1", "topics": "x\nsecondary->primary.enabled = true",
+                   "kafka_password": "a long test password"}),
         )
         .unwrap();
-        assert!(mirrormaker_properties(&bad, Ipv4Addr::new(10, 0, 0, 1)).is_err());
+        assert!(mirrormaker_properties(&bad, Ipv4Addr::new(10, 0, 0, 1), &login()).is_err());
         assert!(check_heap("256m").is_ok() && check_heap("1g; rm").is_err());
     }
 }

@@ -1,11 +1,26 @@
 //! Kafka: the one place that knows its configuration file, a Java
-//! properties file without includes, edited in place one key at a time.
+//! properties file without includes, edited in place one key at a time,
+//! and the pair's listener on it.
+//!
+//! The pair listener: after a failover the secondary serves clients, so
+//! each host's Kafka listens on the pair's address, and there it requires
+//! SASL SCRAM-SHA-512 with the pair's credential. The loopback listener
+//! stays as it is for this host's own clients and tools, but a plaintext
+//! listener that was open to every address is narrowed to loopback:
+//! otherwise any host on the network reads and writes every topic. Kafka
+//! refuses two IPv4 listeners on one port, so the pair listener has a port
+//! of its own (9094 by default).
 
-use std::path::PathBuf;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 
 use crate::command::Command;
+use crate::files::{self, FilePlan, Owner};
+use crate::secret::Secret;
+use crate::services::Unit;
 
 // The tarball's layout under /opt/kafka, for `#[serde(default = "...")]`.
 pub fn default_home() -> PathBuf {
@@ -19,6 +34,163 @@ pub fn default_port() -> u16 {
 }
 pub fn default_unit() -> String {
     "kafka".into()
+}
+pub fn default_pair_port() -> u16 {
+    9094
+}
+pub fn default_user() -> String {
+    "hapair".into()
+}
+pub fn default_run_as() -> String {
+    "kafka".into()
+}
+
+/// The pair listener's name in `listeners`.
+pub const PAIR_LISTENER: &str = "PAIR";
+/// The one SASL mechanism of the pair listener.
+pub const MECHANISM: &str = "SCRAM-SHA-512";
+
+/// This host's Kafka as one end of the pair: its files, its unit, and the
+/// pair listener with the pair's login. Seed step 4 sets it up on the
+/// primary, step 10 on the secondary.
+#[derive(Debug, Clone)]
+pub struct PairKafka {
+    pub config: PathBuf,
+    pub unit: Unit,
+    /// The loopback listener's port, which hapair's tools use.
+    pub port: u16,
+    pub address: Ipv4Addr,
+    pub pair_port: u16,
+    pub login: Login,
+    pub tools: Tools,
+}
+
+impl PairKafka {
+    /// The pair listener, as a client's bootstrap (`host:port`).
+    pub fn pair_bootstrap(&self) -> String {
+        format!("{}:{}", self.address, self.pair_port)
+    }
+
+    fn local_bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Plans server.properties with the pair listener.
+    pub fn plan(&self, files: &mut FilePlan) -> Result<()> {
+        let state = files::existing(&self.config)?;
+        files.try_file(
+            &self.config,
+            |text| with_pair_listener(text, self.address, self.pair_port),
+            state.config_mode(),
+            Some(state.owner),
+        )
+    }
+
+    /// Whether the pair listener already lets the pair's login in. Asked
+    /// only when nothing is planned for Kafka: a listener still to be set
+    /// up has nothing to ask, and its credential is (re)set with it.
+    pub fn login_works(&self, files: &FilePlan) -> Result<bool> {
+        if files.changes(&self.config) || !self.unit.is_active()? {
+            return Ok(false);
+        }
+        self.tools.logs_in(&self.pair_bootstrap(), &self.login)
+    }
+
+    /// After the files are written: restarts Kafka if its configuration
+    /// changed (true), then sets the credential unless `login_works`, and
+    /// proves it by logging in through the pair listener.
+    pub fn apply(&self, files: &FilePlan, login_works: bool) -> Result<bool> {
+        let restart = files.changes(&self.config);
+        if restart {
+            self.unit.restart()?;
+            self.unit.wait_for_port(self.address, self.pair_port)?;
+            self.unit.wait_for_port(Ipv4Addr::LOCALHOST, self.port)?;
+        }
+        if !login_works {
+            self.tools
+                .set_credential(&self.local_bootstrap(), &self.login)?;
+            // The broker learns the credential from its metadata log.
+            let works = crate::wait::until(Duration::from_secs(30), Duration::from_secs(1), || {
+                self.tools
+                    .logs_in(&self.pair_bootstrap(), &self.login)
+                    .unwrap_or(false)
+            });
+            if !works {
+                bail!(
+                    "the pair's Kafka credential was set, but the pair listener {} still refuses \
+                     it: see journalctl -u {}",
+                    self.pair_bootstrap(),
+                    self.unit
+                );
+            }
+        }
+        Ok(restart)
+    }
+}
+
+/// Kafka's default for SCRAM-SHA-512.
+const SCRAM_ITERATIONS: u32 = 8192;
+
+/// Root's directory, where a tool's login is handed over.
+const PRIVATE_DIR: &str = "/etc/hapair";
+
+/// A tool's client settings: the login, and timeouts short enough that a
+/// tool pointed at a listener that does not answer says so soon.
+fn client_config_text(login: &Login) -> Result<String> {
+    Ok(format!(
+        "{}request.timeout.ms = 15000\ndefault.api.timeout.ms = 20000\n",
+        login.client_properties("")?
+    ))
+}
+
+/// A SCRAM login to a pair listener: the pair's account and password.
+#[derive(Debug, Clone)]
+pub struct Login {
+    pub user: String,
+    pub password: Secret,
+}
+
+impl Login {
+    pub fn new(user: &str, password: &Secret) -> Result<Login> {
+        // SCRAM escapes `,` and `=` in names; a plain name needs neither.
+        let plain = user.len() <= 64
+            && user.starts_with(|c: char| c.is_ascii_alphabetic())
+            && user
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !plain {
+            bail!(
+                "kafka_user takes letters, digits, _ and - (starting with a letter), not {:?}",
+                crate::protocol::excerpt(user)
+            );
+        }
+        Ok(Login {
+            user: user.to_string(),
+            password: password.clone(),
+        })
+    }
+
+    /// A client's settings for a pair listener, each key after `prefix`
+    /// (`primary.` for MirrorMaker's source cluster, `` for a tool).
+    pub fn client_properties(&self, prefix: &str) -> Result<String> {
+        let jaas = format!(
+            "org.apache.kafka.common.security.scram.ScramLoginModule required username={} password={};",
+            jaas_quote(&self.user),
+            jaas_quote(self.password.expose())
+        );
+        Ok(format!(
+            "{prefix}security.protocol = SASL_PLAINTEXT\n\
+             {prefix}sasl.mechanism = {MECHANISM}\n\
+             {prefix}sasl.jaas.config = {}\n",
+            property_value("sasl.jaas.config", &jaas)?
+        ))
+    }
+}
+
+/// `value` as a quoted JAAS option value: in double quotes, `\` and `"`
+/// escaped (Kafka's JAAS parser reads Java's string escapes).
+pub fn jaas_quote(value: &str) -> String {
+    format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
 /// Kafka's command-line tools, from its home (`bin/*.sh`), run as Kafka's
@@ -37,19 +209,90 @@ impl Tools {
             .arg(self.home.join("bin").join(name))
     }
 
-    /// The topics of the cluster at `bootstrap` (`host:port`): reaching it
-    /// proves it answers and its metadata reads.
-    pub fn topics(&self, bootstrap: &str) -> Result<Vec<String>> {
-        let out = self
-            .tool("kafka-topics.sh")
-            .args(["--bootstrap-server", bootstrap, "--list"])
-            .run()?;
+    /// The topics of the cluster at `bootstrap` (`host:port`), logged in
+    /// with `login` when given: reaching it proves it answers and its
+    /// metadata reads.
+    pub fn topics(&self, bootstrap: &str, login: Option<&Login>) -> Result<Vec<String>> {
+        let list = |config: Option<&Path>| {
+            let mut tool =
+                self.tool("kafka-topics.sh")
+                    .args(["--bootstrap-server", bootstrap, "--list"]);
+            if let Some(config) = config {
+                tool = tool.arg("--command-config").arg(config);
+            }
+            tool.run()
+        };
+        let out = match login {
+            Some(login) => {
+                self.with_private_file(&client_config_text(login)?, |f| list(Some(f)))?
+            }
+            None => list(None)?,
+        };
         Ok(out
             .stdout
             .lines()
             .map(|l| l.trim().to_string())
             .filter(|l| !l.is_empty())
             .collect())
+    }
+
+    /// Whether the pair listener at `bootstrap` lets `login` in: false
+    /// when it refuses the credential, an error when it does not answer.
+    pub fn logs_in(&self, bootstrap: &str, login: &Login) -> Result<bool> {
+        match self.topics(bootstrap, Some(login)) {
+            Ok(_) => Ok(true),
+            Err(e) if format!("{e:#}").contains("Authentication failed") => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sets `login`'s SCRAM credential in the cluster's metadata, through
+    /// the loopback listener at `local`.
+    pub fn set_credential(&self, local: &str, login: &Login) -> Result<()> {
+        // The tool reads `MECHANISM=iterations=N,password=REST`: the whole
+        // rest of the line is the password.
+        let text = format!(
+            "{MECHANISM}=iterations={SCRAM_ITERATIONS},password={}\n",
+            property_value("the Kafka password", login.password.expose())?
+        );
+        self.with_private_file(&text, |file| {
+            self.tool("kafka-configs.sh")
+                .args([
+                    "--bootstrap-server",
+                    local,
+                    "--alter",
+                    "--entity-type",
+                    "users",
+                ])
+                .args(["--entity-name", &login.user, "--add-config-file"])
+                .arg(file)
+                .run()
+        })?;
+        Ok(())
+    }
+
+    /// Runs `use_file` on a file holding `text` (a password: never on a
+    /// command line) in root's directory, readable by Kafka's group only,
+    /// and removed after.
+    fn with_private_file<T>(
+        &self,
+        text: &str,
+        use_file: impl FnOnce(&Path) -> Result<T>,
+    ) -> Result<T> {
+        let account = crate::account::Account::lookup(&self.run_as)?
+            .with_context(|| format!("Kafka's account {} does not exist", self.run_as))?;
+        let path = PathBuf::from(format!("{PRIVATE_DIR}/.kafka-login.{}", std::process::id()));
+        files::ensure_dir(Path::new(PRIVATE_DIR), 0o755, None)?;
+        let reader = Owner {
+            uid: 0,
+            gid: account.gid,
+        };
+        files::write_atomic(&path, text.as_bytes(), 0o640, Some(reader))?;
+        let result = use_file(&path);
+        let removed = std::fs::remove_file(&path);
+        let value = result?;
+        removed.with_context(|| format!("removing {}", path.display()))?;
+        Ok(value)
     }
 
     /// How many records `topic` holds at `bootstrap`: the sum of its
@@ -71,6 +314,188 @@ pub fn parse_end_offsets(text: &str) -> u64 {
     text.lines()
         .filter_map(|line| line.trim().rsplit(':').next()?.parse::<u64>().ok())
         .sum()
+}
+
+/// The value the last assignment of `key` gives it, as Kafka reads the
+/// file (the last one wins), trimmed. Escapes are not undone: the values
+/// hapair reads (listener lists, names) hold none.
+pub fn property(text: &str, key: &str) -> Option<String> {
+    crate::files::config_lines(text)
+        .filter(|line| assigns(line, key))
+        .last()
+        .map(|line| {
+            let rest = line.trim_start()[key.len()..].trim_start();
+            rest[1..].trim().to_string()
+        })
+}
+
+/// One entry of `listeners` or `advertised.listeners`: `NAME://host:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Listener {
+    name: String,
+    host: String,
+    port: u16,
+}
+
+impl Listener {
+    fn parse(entry: &str) -> Result<Listener> {
+        let parsed = entry.split_once("://").and_then(|(name, rest)| {
+            let (host, port) = rest.rsplit_once(':')?;
+            let name_ok =
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+                Some(v6) => v6
+                    .chars()
+                    .all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.'),
+                None => host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-'),
+            };
+            let port = port.parse().ok()?;
+            (name_ok && host_ok).then(|| Listener {
+                name: name.to_ascii_uppercase(),
+                host: host.to_string(),
+                port,
+            })
+        });
+        parsed.with_context(|| {
+            format!(
+                "the listener {:?} is not NAME://host:port",
+                crate::protocol::excerpt(entry)
+            )
+        })
+    }
+
+    fn list(value: Option<String>) -> Result<Vec<Listener>> {
+        value
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(Listener::parse)
+            .collect()
+    }
+
+    fn render(list: &[Listener]) -> String {
+        let entries: Vec<String> = list
+            .iter()
+            .map(|l| format!("{}://{}:{}", l.name, l.host, l.port))
+            .collect();
+        entries.join(",")
+    }
+
+    /// Whether it accepts connections on `address` (all addresses, or it).
+    fn open_to(&self, address: Ipv4Addr) -> bool {
+        matches!(self.host.as_str(), "" | "0.0.0.0" | "::" | "[::]")
+            || self.host == address.to_string()
+    }
+}
+
+/// `listener.security.protocol.map` as Kafka reads it: `NAME:PROTOCOL`
+/// pairs; without it, each protocol is a listener name of its own.
+fn protocol_map(text: &str) -> Vec<(String, String)> {
+    match property(text, "listener.security.protocol.map") {
+        Some(map) => map
+            .split(',')
+            .filter_map(|pair| pair.split_once(':'))
+            .map(|(n, p)| (n.trim().to_ascii_uppercase(), p.trim().to_ascii_uppercase()))
+            .collect(),
+        None => ["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+            .iter()
+            .map(|p| (p.to_string(), p.to_string()))
+            .collect(),
+    }
+}
+
+/// server.properties with the pair listener on `address:port`, SCRAM its
+/// only mechanism there, and every plaintext listener that was open to the
+/// pair's address (or to all addresses) narrowed to loopback. Controller
+/// listeners are left as they are.
+pub fn with_pair_listener(text: &str, address: Ipv4Addr, port: u16) -> Result<String> {
+    let map = protocol_map(text);
+    let controllers: Vec<String> = property(text, "controller.listener.names")
+        .unwrap_or_default()
+        .split(',')
+        .map(|n| n.trim().to_ascii_uppercase())
+        .collect();
+    let plaintext = |name: &str| map.iter().any(|(n, p)| n == name && p == "PLAINTEXT");
+    let narrowed = |l: &Listener| {
+        l.name != PAIR_LISTENER
+            && !controllers.contains(&l.name)
+            && plaintext(&l.name)
+            && l.open_to(address)
+    };
+    let pair = Listener {
+        name: PAIR_LISTENER.into(),
+        host: address.to_string(),
+        port,
+    };
+
+    let mut listeners = Listener::list(property(text, "listeners"))?;
+    if listeners.is_empty() {
+        bail!("listeners is not set: hapair can't tell which listener is Kafka's own");
+    }
+    let mut narrowed_names = Vec::new();
+    for listener in listeners.iter_mut().filter(|l| narrowed(l)) {
+        listener.host = "127.0.0.1".into();
+        narrowed_names.push(listener.name.clone());
+    }
+    listeners.retain(|l| l.name != PAIR_LISTENER);
+    if let Some(clash) = listeners.iter().find(|l| l.port == port) {
+        bail!(
+            "the pair listener's port {port} is taken by the listener {}: choose another kafka_pair_port",
+            clash.name
+        );
+    }
+    listeners.push(pair.clone());
+
+    // Advertised: as before, with narrowed listeners at loopback and the
+    // pair listener at the pair's address. Never a controller listener.
+    let advertised = match property(text, "advertised.listeners") {
+        Some(value) => Listener::list(Some(value))?,
+        None => listeners.clone(),
+    };
+    let mut advertised: Vec<Listener> = advertised
+        .into_iter()
+        .filter(|l| l.name != PAIR_LISTENER && !controllers.contains(&l.name))
+        .map(|mut l| {
+            if narrowed_names.contains(&l.name) {
+                l.host = "127.0.0.1".into();
+            }
+            l
+        })
+        .collect();
+    advertised.push(pair);
+
+    let mut map: Vec<(String, String)> = map
+        .into_iter()
+        .filter(|(n, _)| n != PAIR_LISTENER)
+        .collect();
+    map.push((PAIR_LISTENER.into(), "SASL_PLAINTEXT".into()));
+    let map: Vec<String> = map.iter().map(|(n, p)| format!("{n}:{p}")).collect();
+
+    let prefix = format!("listener.name.{}", PAIR_LISTENER.to_ascii_lowercase());
+    let mechanism = MECHANISM.to_ascii_lowercase();
+    let mut text = with_property(text, "listeners", &Listener::render(&listeners));
+    text = with_property(
+        &text,
+        "advertised.listeners",
+        &Listener::render(&advertised),
+    );
+    text = with_property(&text, "listener.security.protocol.map", &map.join(","));
+    text = with_property(
+        &text,
+        &format!("{prefix}.sasl.enabled.mechanisms"),
+        MECHANISM,
+    );
+    // The broker side of SCRAM needs a login module, and no credential:
+    // the credentials are in the cluster's metadata.
+    text = with_property(
+        &text,
+        &format!("{prefix}.{mechanism}.sasl.jaas.config"),
+        "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+    );
+    Ok(text)
 }
 
 /// `value` as a Java properties file reads it back (Properties.load):
@@ -127,6 +552,95 @@ mod tests {
         assert_eq!(property_value("t", r"orders\..*").unwrap(), r"orders\\..*");
         assert_eq!(property_value("t", " x").unwrap(), r"\ x");
         assert!(property_value("t", "a\nb=c").is_err());
+    }
+
+    const FLEET: &str = "process.roles=broker,controller\n\
+        controller.listener.names=CONTROLLER\n\
+        listeners=PLAINTEXT://:9092,CONTROLLER://localhost:9093\n\
+        advertised.listeners=PLAINTEXT://localhost:9092\n\
+        listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT\n";
+
+    #[test]
+    fn the_pair_listener_is_added_and_plaintext_narrowed_to_loopback() {
+        let address = Ipv4Addr::new(10, 0, 0, 1);
+        let text = with_pair_listener(FLEET, address, 9094).unwrap();
+        assert_eq!(
+            property(&text, "listeners").unwrap(),
+            "PLAINTEXT://127.0.0.1:9092,CONTROLLER://localhost:9093,PAIR://10.0.0.1:9094"
+        );
+        assert_eq!(
+            property(&text, "advertised.listeners").unwrap(),
+            "PLAINTEXT://127.0.0.1:9092,PAIR://10.0.0.1:9094"
+        );
+        assert_eq!(
+            property(&text, "listener.security.protocol.map").unwrap(),
+            "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,PAIR:SASL_PLAINTEXT"
+        );
+        assert_eq!(
+            property(&text, "listener.name.pair.sasl.enabled.mechanisms").unwrap(),
+            "SCRAM-SHA-512"
+        );
+        assert!(text.contains("listener.name.pair.scram-sha-512.sasl.jaas.config="));
+        // Once is enough: a second pass changes nothing.
+        assert_eq!(with_pair_listener(&text, address, 9094).unwrap(), text);
+        // A new address or port replaces the pair listener.
+        let moved = with_pair_listener(&text, Ipv4Addr::new(10, 0, 0, 9), 9095).unwrap();
+        assert_eq!(
+            property(&moved, "listeners").unwrap(),
+            "PLAINTEXT://127.0.0.1:9092,CONTROLLER://localhost:9093,PAIR://10.0.0.9:9095"
+        );
+    }
+
+    #[test]
+    fn what_the_operator_set_up_otherwise_stays() {
+        let address = Ipv4Addr::new(10, 0, 0, 1);
+        // A TLS listener on another network, and a plaintext one on
+        // another address: not the pair's, left alone.
+        let text = "listeners=SSL://192.168.1.5:9093,PLAINTEXT://192.168.1.5:9092\n";
+        let out = with_pair_listener(text, address, 9094).unwrap();
+        assert_eq!(
+            property(&out, "listeners").unwrap(),
+            "SSL://192.168.1.5:9093,PLAINTEXT://192.168.1.5:9092,PAIR://10.0.0.1:9094"
+        );
+        // Without a map, the protocols' own names are the map, and it is
+        // written out with the pair listener's.
+        assert!(property(&out, "listener.security.protocol.map")
+            .unwrap()
+            .ends_with("SASL_SSL:SASL_SSL,PAIR:SASL_PLAINTEXT"));
+        // A plaintext listener on the pair's address itself is narrowed.
+        let on_pair =
+            with_pair_listener("listeners=PLAINTEXT://10.0.0.1:9092\n", address, 9094).unwrap();
+        assert!(property(&on_pair, "listeners")
+            .unwrap()
+            .starts_with("PLAINTEXT://127.0.0.1:9092,"));
+    }
+
+    #[test]
+    fn a_clash_or_an_unreadable_listener_is_refused() {
+        let address = Ipv4Addr::new(10, 0, 0, 1);
+        let err = with_pair_listener(FLEET, address, 9093).unwrap_err();
+        assert!(format!("{err:#}").contains("kafka_pair_port"), "{err:#}");
+        assert!(with_pair_listener("listeners=nonsense\n", address, 9094).is_err());
+        assert!(with_pair_listener("a=1\n", address, 9094).is_err());
+    }
+
+    #[test]
+    fn a_login_is_quoted_for_jaas_then_for_the_file() {
+        assert_eq!(jaas_quote(r#"a"b\c"#), r#""a\"b\\c""#);
+        let login = Login::new("hapair", &Secret::new(r#"pass "word"\x"#)).unwrap();
+        let text = login.client_properties("primary.").unwrap();
+        assert!(text.contains("primary.security.protocol = SASL_PLAINTEXT\n"));
+        assert!(text.contains(r#"username="hapair""#));
+        assert!(
+            text.contains(r#"password="pass \\"word\\"\\\\x";"#),
+            "{text}"
+        );
+        for bad in ["", "1abc", "a,b", "a=b", "a b"] {
+            assert!(
+                Login::new(bad, &Secret::new("long enough password")).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

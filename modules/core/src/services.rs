@@ -1,6 +1,9 @@
 //! systemd units, as the modules manage them on a production host.
 
-use anyhow::Result;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
 
 use crate::command::Command;
 
@@ -32,6 +35,23 @@ impl Unit {
 
     pub fn restart(&self) -> Result<()> {
         Command::new("systemctl").args(["restart", &self.0]).run()?;
+        Ok(())
+    }
+
+    /// Waits until a (re)started service accepts connections on
+    /// `address:port`.
+    pub fn wait_for_port(&self, address: Ipv4Addr, port: u16) -> Result<()> {
+        let timeout = Duration::from_secs(90);
+        let open = crate::wait::until(timeout, Duration::from_millis(250), || {
+            crate::net::probe(address, port, Duration::from_secs(1)).open
+        });
+        if !open {
+            bail!(
+                "{self} was restarted but does not accept connections on {address}:{port} after \
+                 {} s; see journalctl -u {self}",
+                timeout.as_secs()
+            );
+        }
         Ok(())
     }
 

@@ -63,7 +63,8 @@ fn default_ports() -> Vec<Port> {
         port("ssh", 22, true),
         port("postgresql", 5432, true),
         port("redis", 6379, true),
-        port("kafka", 9092, true),
+        // Kafka's pair listener (SASL SCRAM); 9092 stays on loopback.
+        port("kafka", 9094, true),
         // Not required until hapair's monitor daemon is built.
         port("monitor", 8080, false),
     ]
