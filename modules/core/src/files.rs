@@ -693,6 +693,14 @@ impl FilePlan {
         Ok(())
     }
 
+    /// Says what the planned change of `path` does, in the module's words
+    /// ("let the role in from 10.0.0.2/32") rather than "write PATH".
+    pub fn describe(&mut self, path: &Path, action: impl Into<String>) {
+        if let Some(change) = self.changes.iter_mut().find(|c| c.path == path) {
+            change.action = action.into();
+        }
+    }
+
     /// Whether a change to `path` is planned.
     pub fn changes(&self, path: &Path) -> bool {
         self.changes.iter().any(|c| c.path == path)

@@ -247,17 +247,10 @@ pub fn check_on_this_host(key: &Key, value: &Value) -> Result<()> {
         return Ok(());
     }
     let address = parse_ipv4(key.name, value)?;
-    let own = crate::net::host_ipv4_addresses()?;
-    if !own.contains(&address) {
-        let own: Vec<String> = own.iter().map(|a| a.to_string()).collect();
-        bail!(
-            "{address} is not an address of this host (its addresses are {}): set \
-             cluster.override_ip on each host to that host's own address, the one its peer \
-             reaches it at",
-            own.join(", ")
-        );
-    }
-    Ok(())
+    crate::net::ensure_own_address(address).context(
+        "set cluster.override_ip on each host to that host's own address, the one its peer \
+         reaches it at",
+    )
 }
 
 /// Parses an IPv4 address given as a JSON value; see [`parse_ipv4_str`].
@@ -279,6 +272,30 @@ pub fn parse_ipv4_str(what: &str, text: &str) -> Result<Ipv4Addr> {
         };
         anyhow::anyhow!("{what}: {text:?} is not an IPv4 address: {why}, e.g. 10.0.0.1")
     })
+}
+
+/// The pair role a host records in `cluster.replication_mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicationMode {
+    Standalone,
+    Primary,
+    Secondary,
+}
+
+impl ReplicationMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicationMode::Standalone => "standalone",
+            ReplicationMode::Primary => "primary",
+            ReplicationMode::Secondary => "secondary",
+        }
+    }
+}
+
+impl std::fmt::Display for ReplicationMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// The instance config of this host, as read from disk.
@@ -339,6 +356,33 @@ impl InstanceConfig {
         Ok(lock)
     }
 
+    /// The peer's instance config at `path`, read over SSH as the cluster
+    /// `account` with the pair's key. None there yet reads as empty (every
+    /// key at its default: protected).
+    pub fn from_peer(
+        account: &crate::account::Account,
+        peer: Ipv4Addr,
+        path: &Path,
+        timeout: std::time::Duration,
+    ) -> Result<InstanceConfig> {
+        let remote = path
+            .to_str()
+            .context("the peer's instance config path is not UTF-8")?;
+        let read = crate::ssh::run_on_peer(account, peer, &["cat", "--", remote], timeout)?;
+        let text = match (read.code, read.stderr.contains("No such file")) {
+            (Some(0), _) => read.stdout,
+            (_, true) => String::new(),
+            _ => bail!(
+                "can't read the instance config of {peer} over SSH as {} ({}): run \
+                 replication_helper on both hosts first (seed step 3)",
+                account.name,
+                read.stderr.trim()
+            ),
+        };
+        InstanceConfig::parse(path, &text)
+            .with_context(|| format!("the instance config of {peer} can't be read; fix it there"))
+    }
+
     /// The value stored for `key`, if any.
     pub fn stored(&self, key: &str) -> Option<&Value> {
         let mut segments = key.split('.');
@@ -351,6 +395,41 @@ impl InstanceConfig {
         self.stored(key.name)
             .cloned()
             .or_else(|| key.default_value())
+    }
+
+    /// The recorded role; a missing or hand-edited unknown value reads as
+    /// standalone, the default, which no step takes for a pair role.
+    pub fn replication_mode(&self) -> ReplicationMode {
+        match self.stored(REPLICATION_MODE).and_then(Value::as_str) {
+            Some("primary") => ReplicationMode::Primary,
+            Some("secondary") => ReplicationMode::Secondary,
+            _ => ReplicationMode::Standalone,
+        }
+    }
+
+    pub fn set_replication_mode(&mut self, mode: ReplicationMode) -> Result<()> {
+        self.set(REPLICATION_MODE, Value::String(mode.as_str().into()))
+    }
+
+    /// The pair's hosts recorded in `cluster.hosts`. An entry that is not
+    /// an IPv4 address (a hand edit) is an error that names it.
+    pub fn hosts(&self) -> Result<Vec<Ipv4Addr>> {
+        match self.stored(HOSTS) {
+            Some(Value::Array(hosts)) => hosts.iter().map(|h| parse_ipv4(HOSTS, h)).collect(),
+            None => Ok(Vec::new()),
+            Some(other) => bail!("{HOSTS} holds {other}, not a list of IPv4 addresses"),
+        }
+    }
+
+    /// This host's override IP, when it is enabled (seed step 6).
+    pub fn override_ip(&self) -> Result<Option<Ipv4Addr>> {
+        if self.stored(ENABLE_OVERRIDE_IP) != Some(&Value::Bool(true)) {
+            return Ok(None);
+        }
+        match self.stored(OVERRIDE_IP) {
+            Some(value) => parse_ipv4(OVERRIDE_IP, value).map(Some),
+            None => Ok(None),
+        }
     }
 
     /// Whether destructive work must be refused on this host.
@@ -411,6 +490,35 @@ impl InstanceConfig {
         let mut text = serde_json::to_string_pretty(&self.root).expect("a JSON map serializes");
         text.push('\n');
         text
+    }
+
+    /// This config, replacing `before` on disk, as a planned file change
+    /// (written by [`files::FilePlan::apply`]; take [`InstanceConfig::lock`]
+    /// first). A config that did not exist diffs as empty, not as `{}`.
+    pub fn rewrite_of(
+        &self,
+        before: &InstanceConfig,
+        existed: bool,
+        action: String,
+    ) -> files::FileChange {
+        let header = self.path.display().to_string();
+        files::FileChange {
+            path: self.path.clone(),
+            text: self.render(),
+            mode: FILE_MODE,
+            owner: None,
+            action,
+            diff: crate::protocol::Diff {
+                before: if existed {
+                    before.render()
+                } else {
+                    String::new()
+                },
+                after: self.render(),
+                before_header: header.clone(),
+                after_header: header,
+            },
+        }
     }
 
     /// Writes the config atomically. Take [`InstanceConfig::lock`] first.
@@ -499,6 +607,33 @@ mod tests {
         assert!(config(json!({"cluster": {"protected_instance": "no"}})).is_protected());
         assert!(config(json!({"cluster": {"protected_instance": true}})).is_protected());
         assert!(!config(json!({"cluster": {"protected_instance": false}})).is_protected());
+    }
+
+    #[test]
+    fn the_role_and_hosts_read_typed() {
+        assert_eq!(
+            config(json!({})).replication_mode(),
+            ReplicationMode::Standalone
+        );
+        let mut pair = config(json!({"cluster": {"replication_mode": "primary",
+            "hosts": ["10.0.0.1", "10.0.0.2"]}}));
+        assert_eq!(pair.replication_mode(), ReplicationMode::Primary);
+        assert_eq!(
+            pair.hosts().unwrap(),
+            vec![Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2)]
+        );
+        for odd in [
+            json!(["10.0.0.1", "not an address"]),
+            json!([7]),
+            json!("10.0.0.1"),
+        ] {
+            assert!(config(json!({"cluster": {"hosts": odd}})).hosts().is_err());
+        }
+        pair.set_replication_mode(ReplicationMode::Secondary)
+            .unwrap();
+        assert_eq!(pair.replication_mode(), ReplicationMode::Secondary);
+        let odd = config(json!({"cluster": {"replication_mode": "master"}}));
+        assert_eq!(odd.replication_mode(), ReplicationMode::Standalone);
         let key = Key::parse(PROTECTED).unwrap();
         assert_eq!(config(json!({})).value(&key), Some(json!(true)));
     }

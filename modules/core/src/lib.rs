@@ -18,6 +18,8 @@
 //! - [`ssh`]: the pair's SSH keys, authorized_keys and pinned host keys.
 //! - [`wait`]: waiting for a condition, with a deadline.
 //! - [`net`]: this host's addresses, and probes of a peer's ports.
+//! - [`plan`]: the seam every changing module goes through: observe, plan,
+//!   apply unless in check mode, and the result made from the plan.
 //! - [`lock`]: one run at a time of a long step, and what a killed run left.
 //! - [`services`]: systemd units: restart, reload, whether they run.
 //! - [`postgres`]: the one place that knows PostgreSQL: queries, its
@@ -39,6 +41,7 @@ pub mod instance;
 pub mod kafka;
 pub mod lock;
 pub mod net;
+pub mod plan;
 pub mod postgres;
 pub mod protocol;
 pub mod redis;
@@ -47,5 +50,6 @@ pub mod services;
 pub mod ssh;
 pub mod wait;
 
+pub use plan::{Action, Plan};
 pub use protocol::{Context, Diff, Outcome, Spec};
 pub use secret::Secret;

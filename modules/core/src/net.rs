@@ -20,6 +20,20 @@ pub fn host_ipv4_addresses() -> Result<Vec<Ipv4Addr>> {
 }
 
 /// Parses `ip -4 -o addr show`: `2: eth0    inet 198.18.0.11/24 brd ... `.
+/// Refuses `address` unless it is one of this host's: a service told to
+/// listen there, or a peer told to reach this host there, would fail.
+pub fn ensure_own_address(address: Ipv4Addr) -> Result<()> {
+    let own = host_ipv4_addresses()?;
+    if !own.contains(&address) {
+        let own: Vec<String> = own.iter().map(|a| a.to_string()).collect();
+        anyhow::bail!(
+            "{address} is not an address of this host (its addresses are {})",
+            own.join(", ")
+        );
+    }
+    Ok(())
+}
+
 pub fn parse_ip_addr(output: &str) -> Vec<Ipv4Addr> {
     output
         .lines()

@@ -6,11 +6,13 @@
 //! and win.
 
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 
 use crate::command::Command;
+use crate::files::FilePlan;
 use crate::secret::Secret;
 
 /// hapair's file next to Redis's own configuration.
@@ -115,9 +117,9 @@ pub fn parse_info(text: &str) -> Info {
 /// on a replica, whom it replicates.
 pub fn dropin_text(
     module: &str,
-    address: std::net::Ipv4Addr,
+    address: Ipv4Addr,
     password: &Secret,
-    replica_of: Option<(std::net::Ipv4Addr, u16)>,
+    replica_of: Option<(Ipv4Addr, u16)>,
 ) -> String {
     let password = quote(password.expose());
     let mut text = format!(
@@ -132,6 +134,41 @@ pub fn dropin_text(
         ));
     }
     text
+}
+
+/// Plans this host's Redis as one end of the pair: hapair's include file
+/// beside `redis_config` (mode 0640: it holds the password; its diff is
+/// never shown) and the line of `redis_config` that includes it, both
+/// Redis's own. `replica_of` makes it a replica.
+pub fn plan_files(
+    files: &mut FilePlan,
+    module: &str,
+    redis_config: &Path,
+    address: Ipv4Addr,
+    password: &Secret,
+    replica_of: Option<(Ipv4Addr, u16)>,
+) -> Result<()> {
+    let found = crate::files::existing(redis_config)?;
+    let dropin = dropin_path(redis_config);
+    files.secret_file(
+        &dropin,
+        |_| dropin_text(module, address, password, replica_of),
+        0o640,
+        Some(found.owner),
+    )?;
+    let include = format!("include {}", dropin.display());
+    files.file(
+        redis_config,
+        |text| with_line(text, &include),
+        found.config_mode(),
+        Some(found.owner),
+    )
+}
+
+/// Whether [`plan_files`] planned a change that Redis reads only when it
+/// starts.
+pub fn needs_restart(files: &FilePlan, redis_config: &Path) -> bool {
+    files.changes(&dropin_path(redis_config)) || files.changes(redis_config)
 }
 
 /// hapair's include file beside `redis_config`.

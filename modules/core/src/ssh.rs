@@ -11,6 +11,15 @@ use anyhow::{bail, Context as _, Result};
 use crate::command::Command;
 use crate::files::{config_lines, join_lines, line_content};
 
+/// The modes OpenSSH expects of an account's files (and sshd's
+/// StrictModes enforces): `~/.ssh` and the private key its owner's alone.
+pub const SSH_DIR_MODE: u32 = 0o700;
+pub const PRIVATE_KEY_MODE: u32 = 0o600;
+pub const PUBLIC_KEY_MODE: u32 = 0o644;
+pub const AUTHORIZED_KEYS_MODE: u32 = 0o600;
+/// As ssh itself writes it when it adds a host key.
+pub const KNOWN_HOSTS_MODE: u32 = 0o600;
+
 /// Where sshd keeps this host's ed25519 host key.
 pub const HOST_KEY_PATH: &str = "/etc/ssh/ssh_host_ed25519_key.pub";
 

@@ -1,4 +1,5 @@
-//! PostgreSQL: the one place that knows how to talk to it.
+//! PostgreSQL: the one place that knows how to talk to it, its files and
+//! directories, and (in [`standby`]) how a secondary becomes a standby.
 //!
 //! Queries run as the `postgres` OS user over the local socket, with the SQL
 //! on stdin (never on a command line). hapair's settings go in a drop-in
@@ -7,7 +8,8 @@
 //! SCRAM-SHA-256 verifiers computed here, so the password itself never
 //! reaches the server or its logs.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -19,6 +21,8 @@ use crate::command::Command;
 use crate::secret::Secret;
 use crate::services::Unit;
 
+pub mod standby;
+
 // Defaults of the options every PostgreSQL step takes: Debian's layout of
 // a PostgreSQL 15 cluster named main, and hapair's replication role. For
 // `#[serde(default = "...")]`.
@@ -29,7 +33,7 @@ pub fn default_data_dir() -> PathBuf {
     "/var/lib/postgresql/15/main".into()
 }
 pub fn default_bin_dir() -> PathBuf {
-    "/usr/lib/postgresql/15/bin".into()
+    debian_bin_dir("15")
 }
 pub fn default_port() -> u16 {
     5432
@@ -39,6 +43,60 @@ pub fn default_unit() -> String {
 }
 pub fn default_replication_user() -> RoleName {
     RoleName(format!("{}_replication", crate::account::DEFAULT_NAME))
+}
+
+/// Where Debian installs the programs of a PostgreSQL major version.
+pub fn debian_bin_dir(major: &str) -> PathBuf {
+    Path::new("/usr/lib/postgresql").join(major).join("bin")
+}
+
+/// The full version of the PostgreSQL that runs the cluster in `data_dir`,
+/// or None when it holds no cluster. PG_VERSION is postgres's file: what
+/// it holds is taken only as a major version number, which picks Debian's
+/// binary of that version.
+pub fn installed_version(data_dir: &Path) -> Result<Option<String>> {
+    let path = data_dir.join("PG_VERSION");
+    let Some(text) = crate::files::read_optional(&path)? else {
+        return Ok(None);
+    };
+    let major = parse_major_version(&text).with_context(|| {
+        format!(
+            "{} holds {:?}, not a PostgreSQL major version: nothing is run on its word",
+            path.display(),
+            crate::protocol::excerpt(text.trim())
+        )
+    })?;
+    let out = Command::new(
+        debian_bin_dir(&major)
+            .join("postgres")
+            .display()
+            .to_string(),
+    )
+    .arg("--version")
+    .run()?;
+    let version: String = out
+        .stdout
+        .split_once("(PostgreSQL) ")
+        .map(|(_, rest)| rest)
+        .unwrap_or_default()
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '.')
+        .collect();
+    Ok((!version.is_empty()).then_some(version))
+}
+
+/// A major version as PG_VERSION holds it: `15`, or `9.6` before 10.
+/// Anything else (a path, a word) is `None`.
+pub fn parse_major_version(text: &str) -> Option<String> {
+    let text = text.trim();
+    let number = |part: &str| {
+        !part.is_empty() && part.len() <= 3 && part.bytes().all(|b| b.is_ascii_digit())
+    };
+    let valid = match text.split_once('.') {
+        Some((major, minor)) => number(major) && minor.len() == 1 && number(minor),
+        None => number(text),
+    };
+    valid.then(|| text.to_string())
 }
 
 /// A PostgreSQL role name, checked once here: lowercase letters, digits and
@@ -122,23 +180,53 @@ pub fn conf_quote(value: &str) -> Result<String> {
 pub const CONNECTION_SECURITY: [(&str, &str); 2] =
     [("sslmode", "require"), ("channel_binding", "require")];
 
-/// A PostgreSQL cluster laid out as Debian's postgresql-common does.
+/// A PostgreSQL cluster laid out as Debian's postgresql-common does: its
+/// configuration, data and program directories, its port and its unit.
 #[derive(Debug, Clone)]
 pub struct Cluster {
     pub config_dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub bin_dir: PathBuf,
     pub port: u16,
     pub unit: Unit,
 }
 
 impl Cluster {
     /// The cluster whose configuration is in `config_dir` (e.g.
-    /// `/etc/postgresql/15/main`), run by `unit`.
+    /// `/etc/postgresql/15/main`), run by `unit`, with Debian's data and
+    /// program directories (see [`Cluster::with_dirs`]).
     pub fn new(config_dir: impl Into<PathBuf>, port: u16, unit: &str) -> Cluster {
         Cluster {
             config_dir: config_dir.into(),
+            data_dir: default_data_dir(),
+            bin_dir: default_bin_dir(),
             port,
             unit: Unit::new(unit),
         }
+    }
+
+    /// The same cluster with its data and program directories elsewhere.
+    pub fn with_dirs(mut self, data_dir: PathBuf, bin_dir: PathBuf) -> Cluster {
+        self.data_dir = data_dir;
+        self.bin_dir = bin_dir;
+        self
+    }
+
+    /// The system identifier recorded in `data_dir`'s control file (the
+    /// live one, or a copy's), read by pg_controldata as postgres (the
+    /// directory is postgres's).
+    pub fn control_system_identifier(&self, data_dir: &Path) -> Result<String> {
+        let out = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin_dir.join("pg_controldata"))
+            .arg(data_dir)
+            .env("LC_ALL", "C")
+            .run()?;
+        out.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("Database system identifier:"))
+            .map(|id| id.trim().to_string())
+            .context("pg_controldata shows no system identifier")
     }
 
     /// hapair's drop-in: the last word on the settings it holds.
@@ -175,12 +263,24 @@ impl Cluster {
         let loaded = |cluster: &Cluster| cluster.query("SELECT pg_conf_load_time()");
         let before = loaded(self)?;
         self.query("SELECT pg_reload_conf()")?;
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while loaded(self)? == before {
-            if std::time::Instant::now() > deadline {
-                bail!("PostgreSQL did not re-read its configuration within 30 s of a reload");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
+        let mut failed = None;
+        let reread =
+            crate::wait::until(
+                Duration::from_secs(30),
+                Duration::from_millis(50),
+                || match loaded(self) {
+                    Ok(now) => now != before,
+                    Err(e) => {
+                        failed = Some(e);
+                        true
+                    }
+                },
+            );
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        if !reread {
+            bail!("PostgreSQL did not re-read its configuration within 30 s of a reload");
         }
         let pending =
             self.query("SELECT name FROM pg_settings WHERE pending_restart ORDER BY name")?;
@@ -466,6 +566,23 @@ fn random_salt() -> Result<[u8; 16]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_version_number_picks_a_program() {
+        assert_eq!(parse_major_version("15\n"), Some("15".into()));
+        assert_eq!(parse_major_version("9.6"), Some("9.6".into()));
+        for hostile in [
+            "../../../tmp/x",
+            "15/../../x",
+            "",
+            "15 x",
+            "1234",
+            "9.6.1",
+            "/tmp/x",
+        ] {
+            assert_eq!(parse_major_version(hostile), None, "{hostile}");
+        }
+    }
 
     /// Made by PostgreSQL 15: `CREATE ROLE vec PASSWORD 'correct horse'`.
     const FROM_POSTGRES: &str = "SCRAM-SHA-256$4096:sqYf4fGSVWTmLk4PwJVOqQ==$dCbRd56qiefKzOOwL1V5zG9qs1LuUsKHDchtSSwgkO0=:gR1GDhJkcD5CJIrwrrth7hVnSXhVcMc7iBIVEO2ZT4s=";
