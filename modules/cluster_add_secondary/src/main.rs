@@ -11,17 +11,17 @@
 //! account is unprivileged, and a key that could write the secondary's
 //! instance config could also lift its protection.
 
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context as _, Result};
 use hapair_core::account::{self, Account};
 use hapair_core::files::FilePlan;
-use hapair_core::instance::{self, InstanceConfig, Key};
+use hapair_core::instance::{self, InstanceConfig, ReplicationMode};
 use hapair_core::postgres::{self, Cluster};
-use hapair_core::{protocol, ssh, Context, Outcome, Spec};
+use hapair_core::{protocol, Action, Context, Outcome, Plan, Spec};
 use serde::Deserialize;
-use serde_json::Value;
 
 const SPEC: Spec = Spec {
     name: "cluster_add_secondary",
@@ -63,9 +63,7 @@ fn main() -> ExitCode {
 fn cluster_add_secondary(args: Args, ctx: &mut Context) -> Result<Outcome> {
     let secondary = instance::parse_ipv4_str("secondary_address", &args.secondary_address)?;
     let config = InstanceConfig::load(&args.instance_config)?;
-    if config.value(&Key::parse(instance::REPLICATION_MODE)?)
-        != Some(Value::String("primary".into()))
-    {
+    if config.replication_mode() != ReplicationMode::Primary {
         bail!(
             "this host is not in primary mode: run cluster_enter_primary_mode first (seed step 4)"
         );
@@ -78,29 +76,13 @@ fn cluster_add_secondary(args: Args, ctx: &mut Context) -> Result<Outcome> {
     })?;
 
     // The source of truth about the secondary's protection is the secondary.
-    let remote_config = args
-        .secondary_instance_config
-        .to_str()
-        .context("secondary_instance_config is not UTF-8")?;
-    let read = ssh::run_on_peer(
+    let protected = InstanceConfig::from_peer(
         &account,
         secondary,
-        &["cat", "--", remote_config],
+        &args.secondary_instance_config,
         args.ssh_timeout.duration(),
-    )?;
-    let remote_text = match (read.code, read.stderr.contains("No such file")) {
-        (Some(0), _) => read.stdout,
-        (_, true) => String::new(), // no config yet: protected by default
-        _ => bail!(
-            "can't read the secondary's instance config over SSH as {} ({}): run \
-             replication_helper on both hosts first (seed step 3)",
-            args.account,
-            read.stderr.trim()
-        ),
-    };
-    let protected = InstanceConfig::parse(&args.secondary_instance_config, &remote_text)
-        .context("the secondary's instance config can't be read; fix it on the secondary")?
-        .is_protected();
+    )?
+    .is_protected();
     if protected {
         bail!(
             "the secondary {secondary} is a protected instance, so its data can't be replaced. \
@@ -115,7 +97,6 @@ fn cluster_add_secondary(args: Args, ctx: &mut Context) -> Result<Outcome> {
         &args.postgresql_unit,
     );
     let slot = postgres::slot_name_for(secondary);
-    let has_slot = cluster.has_slot(&slot)?;
     let mut files = FilePlan::default();
     let hba = cluster.hba_file();
     let hba_state = hapair_core::files::existing(&hba)?;
@@ -125,49 +106,79 @@ fn cluster_add_secondary(args: Args, ctx: &mut Context) -> Result<Outcome> {
         hba_state.config_mode(),
         Some(hba_state.owner),
     )?;
-    let record = config.clone().add_hosts(&[secondary])?;
-
-    let mut actions: Vec<String> = Vec::new();
-    if !has_slot {
-        actions.push(format!("create the replication slot {slot}"));
-    }
-    if !files.changes.is_empty() {
-        actions.push(format!(
+    files.describe(
+        &hba,
+        format!(
             "let {} replicate from {secondary}/32 in pg_hba.conf",
             args.replication_user
-        ));
-    }
-    if record {
-        actions.push(format!("record {secondary} in cluster.hosts"));
-    }
-    let changed = !actions.is_empty();
-    if changed && !ctx.check_mode {
-        if !has_slot {
-            cluster.ensure_slot(&slot)?;
+        ),
+    );
+    let observed = Observed {
+        has_slot: cluster.has_slot(&slot)?,
+        host_recorded: config.hosts()?.contains(&secondary),
+    };
+
+    let plan = plan(&observed, secondary, files);
+    let unchanged = format!("{secondary} is already added: slot {slot}, pg_hba rule");
+    let outcome = plan.run(ctx, unchanged, |plan, _| {
+        // The slot first, then the rule that lets the secondary use it,
+        // and only then the record that it is added.
+        for change in &plan.actions {
+            if let Change::CreateSlot(slot) = change {
+                cluster.ensure_slot(slot)?;
+            }
         }
-        if !files.changes.is_empty() {
-            files.apply()?;
+        if !plan.files.changes.is_empty() {
+            plan.files.apply()?;
             cluster.reload()?;
         }
-        if record {
-            InstanceConfig::update(&args.instance_config, |config| {
-                config.add_hosts(&[secondary]).map(|_| ())
-            })?;
+        for change in &plan.actions {
+            if let Change::RecordHost(address) = change {
+                InstanceConfig::update(&args.instance_config, |config| {
+                    config.add_hosts(&[*address]).map(|_| ())
+                })?;
+            }
+        }
+        Ok(Vec::new())
+    })?;
+    Ok(outcome
+        .with("secondary_address", secondary.to_string())
+        .with("slot_name", &slot))
+}
+
+/// What step 7 finds on the primary, besides the files.
+struct Observed {
+    has_slot: bool,
+    host_recorded: bool,
+}
+
+/// Step 7's changes besides pg_hba.conf.
+#[derive(Debug, PartialEq)]
+enum Change {
+    CreateSlot(String),
+    RecordHost(Ipv4Addr),
+}
+
+impl Action for Change {
+    fn describe(&self) -> String {
+        match self {
+            Change::CreateSlot(slot) => format!("create the replication slot {slot}"),
+            Change::RecordHost(address) => format!("record {address} in cluster.hosts"),
         }
     }
-    let msg = match (changed, ctx.check_mode) {
-        (false, _) => format!("{secondary} is already added: slot {slot}, pg_hba rule"),
-        (true, true) => format!("would {}", actions.join(", ")),
-        (true, false) => actions.join(", "),
-    };
-    let mut outcome = Outcome::new(changed, msg)
-        .with("secondary_address", secondary.to_string())
-        .with("slot_name", &slot)
-        .with("actions", &actions);
-    for change in files.changes {
-        outcome = outcome.with_diff(change.diff);
+}
+
+/// Step 7's decisions: the slot when missing, the pg_hba rule when it
+/// differs (`files`), the secondary in `cluster.hosts` when missing.
+fn plan(observed: &Observed, secondary: Ipv4Addr, files: FilePlan) -> Plan<Change> {
+    let mut plan = Plan::new(files);
+    if !observed.has_slot {
+        plan.push(Change::CreateSlot(postgres::slot_name_for(secondary)));
     }
-    Ok(outcome)
+    if !observed.host_recorded {
+        plan.push(Change::RecordHost(secondary));
+    }
+    plan
 }
 
 #[cfg(test)]
@@ -176,4 +187,32 @@ mod tests {
     use serde_json::json;
 
     hapair_core::doc_test!(Args, json!({"secondary_address": "10.0.0.2"}));
+
+    #[test]
+    fn only_what_is_missing_is_planned() {
+        let secondary = Ipv4Addr::new(10, 0, 0, 2);
+        let observed = |has_slot, host_recorded| Observed {
+            has_slot,
+            host_recorded,
+        };
+        let done = plan(&observed(true, true), secondary, FilePlan::default());
+        assert!(done.is_empty());
+        let fresh = plan(&observed(false, false), secondary, FilePlan::default());
+        assert_eq!(
+            fresh.actions,
+            vec![
+                Change::CreateSlot("hapair_10_0_0_2".into()),
+                Change::RecordHost(secondary)
+            ]
+        );
+        assert_eq!(
+            fresh.describe(),
+            vec![
+                "create the replication slot hapair_10_0_0_2",
+                "record 10.0.0.2 in cluster.hosts"
+            ]
+        );
+        let slot_only = plan(&observed(false, true), secondary, FilePlan::default());
+        assert_eq!(slot_only.actions.len(), 1);
+    }
 }

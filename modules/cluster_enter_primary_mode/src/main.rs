@@ -18,14 +18,13 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 use hapair_core::files::{self, FilePlan};
-use hapair_core::instance::{self, InstanceConfig, Key};
+use hapair_core::instance::{self, InstanceConfig, ReplicationMode};
 use hapair_core::postgres::{self, Cluster};
 use hapair_core::services::Unit;
-use hapair_core::{kafka, net, protocol, redis, Context, Outcome, Secret, Spec};
+use hapair_core::{kafka, net, protocol, redis, Action, Context, Outcome, Plan, Secret, Spec};
 use serde::Deserialize;
-use serde_json::Value;
 
 const SPEC: Spec = Spec {
     name: "cluster_enter_primary_mode",
@@ -95,9 +94,8 @@ fn main() -> ExitCode {
 
 fn cluster_enter_primary_mode(args: Args, ctx: &mut Context) -> Result<Outcome> {
     let address = instance::parse_ipv4_str("address", &args.address)?;
-    if !net::host_ipv4_addresses()?.contains(&address) {
-        bail!("address {address} is not one of this host's addresses: pass the address its peer reaches it at");
-    }
+    net::ensure_own_address(address)
+        .context("pass the address its peer reaches it at as address")?;
     if !args
         .max_slot_wal_keep_size
         .chars()
@@ -123,21 +121,14 @@ fn cluster_enter_primary_mode(args: Args, ctx: &mut Context) -> Result<Outcome> 
         0o644,
         Some(pg_owner),
     )?;
-    let redis_dropin = redis::dropin_path(&args.redis_config);
-    let redis_config = files::existing(&args.redis_config)?;
-    let redis_owner = redis_config.owner;
-    files.secret_file(
-        &redis_dropin,
-        |_| redis::dropin_text(SPEC.name, address, &args.redis_password, None),
-        0o640,
-        Some(redis_owner),
-    )?;
-    let include = format!("include {}", redis_dropin.display());
-    files.file(
-        &args.redis_config,
-        |text| redis::with_line(text, &include),
-        redis_config.config_mode(),
-        Some(redis_owner),
+    let redis_config = files::clean_path("redis_config", &args.redis_config)?;
+    redis::plan_files(
+        &mut files,
+        SPEC.name,
+        &redis_config,
+        address,
+        &args.redis_password,
+        None,
     )?;
     let kafka = pair_kafka(&args, address)?;
     kafka.plan(&mut files)?;
@@ -150,87 +141,128 @@ fn cluster_enter_primary_mode(args: Args, ctx: &mut Context) -> Result<Outcome> 
         );
     }
     let role = cluster.role_password(&args.replication_user)?;
-    let role_ok = matches!(&role, Some(Some(stored)) if postgres::verifier_matches(stored, &args.replication_password));
-    let config = InstanceConfig::load(&args.instance_config)?;
-    let mode_key = Key::parse(instance::REPLICATION_MODE)?;
-    let mode_ok = config.value(&mode_key) == Some(Value::String("primary".into()));
-    let kafka_login_works = kafka.login_works(&files)?;
+    let observed = Observed {
+        role: match &role {
+            None => RoleState::Missing,
+            Some(Some(stored))
+                if postgres::verifier_matches(stored, &args.replication_password) =>
+            {
+                RoleState::Current
+            }
+            Some(_) => RoleState::OtherPassword,
+        },
+        kafka_login_works: kafka.login_works(&files)?,
+        mode: InstanceConfig::load(&args.instance_config)?.replication_mode(),
+    };
+    let plan = plan(files, &observed);
 
-    let mut actions: Vec<String> = files.changes.iter().map(|c| c.action.clone()).collect();
-    if !role_ok {
-        actions.push(format!(
-            "{} the replication role {}",
-            if role.is_some() { "update" } else { "create" },
-            args.replication_user
-        ));
-    }
-    if !kafka_login_works {
-        actions.push(format!("set the Kafka login {}", args.kafka_user));
-    }
-    if !mode_ok {
-        actions.push("set cluster.replication_mode = primary".into());
-    }
-    let changed = !actions.is_empty();
     let mut restarted = Vec::new();
     let mut reloaded = Vec::new();
-
-    if changed && !ctx.check_mode {
-        files.apply()?;
-        if files.changes(&cluster.dropin()) {
-            let pending = cluster.reload()?;
-            if pending.is_empty() {
-                reloaded.push(cluster.unit.to_string());
-            } else {
-                cluster.unit.restart()?;
-                cluster
-                    .unit
-                    .wait_for_port(Ipv4Addr::LOCALHOST, args.postgresql_port)?;
-                restarted.push(format!("{} ({})", cluster.unit, pending.join(", ")));
+    let outcome = plan.run(
+        ctx,
+        format!("already in primary mode on {address}"),
+        |plan, _| {
+            let files = &plan.files;
+            files.apply()?;
+            if files.changes(&cluster.dropin()) {
+                let pending = cluster.reload()?;
+                if pending.is_empty() {
+                    reloaded.push(cluster.unit.to_string());
+                } else {
+                    cluster.unit.restart()?;
+                    cluster
+                        .unit
+                        .wait_for_port(Ipv4Addr::LOCALHOST, args.postgresql_port)?;
+                    restarted.push(format!("{} ({})", cluster.unit, pending.join(", ")));
+                }
             }
-        }
-        if !role_ok {
-            cluster.ensure_replication_role(
-                &args.replication_user,
-                &args.replication_password,
-                role.is_some(),
-            )?;
-        }
-        if files.changes(&redis_dropin) || files.changes(&args.redis_config) {
-            let unit = Unit::new(&args.redis_unit);
-            unit.restart()?;
-            restarted.push(unit.to_string());
-        }
-        if kafka.apply(&files, kafka_login_works)? {
-            restarted.push(kafka.unit.to_string());
-        }
-        if !mode_ok {
-            InstanceConfig::update(&args.instance_config, |config| {
-                config.set(instance::REPLICATION_MODE, Value::String("primary".into()))
-            })?;
-        }
-    }
-
-    let msg = if !changed {
-        format!("already in primary mode on {address}")
-    } else if ctx.check_mode {
-        format!("would {}", actions.join(", "))
-    } else {
-        let restarts = if restarted.is_empty() {
-            "no restart".to_string()
-        } else {
-            format!("restarted {}", restarted.join(", "))
-        };
-        format!("{}; {restarts}", actions.join(", "))
-    };
-    let mut outcome = Outcome::new(changed, msg)
+            if redis::needs_restart(files, &redis_config) {
+                let unit = Unit::new(&args.redis_unit);
+                unit.restart()?;
+                restarted.push(unit.to_string());
+            }
+            for change in &plan.actions {
+                match change {
+                    Change::Role { exists } => cluster.ensure_replication_role(
+                        &args.replication_user,
+                        &args.replication_password,
+                        *exists,
+                    )?,
+                    // Restarts Kafka first when its configuration changed.
+                    Change::KafkaLogin => {}
+                    Change::Mode => InstanceConfig::update(&args.instance_config, |config| {
+                        config.set_replication_mode(ReplicationMode::Primary)
+                    })?,
+                }
+            }
+            let login_works = !plan.actions.contains(&Change::KafkaLogin);
+            if kafka.apply(files, login_works)? {
+                restarted.push(kafka.unit.to_string());
+            }
+            Ok(vec![match restarted.is_empty() {
+                true => "no restart".to_string(),
+                false => format!("restarted {}", restarted.join(", ")),
+            }])
+        },
+    )?;
+    Ok(outcome
         .with("address", address.to_string())
-        .with("actions", &actions)
         .with("restarted", &restarted)
-        .with("reloaded", &reloaded);
-    for change in files.changes {
-        outcome = outcome.with_diff(change.diff);
+        .with("reloaded", &reloaded))
+}
+
+/// The replication role as found.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum RoleState {
+    Missing,
+    OtherPassword,
+    Current,
+}
+
+/// What step 4 finds, besides the files.
+struct Observed {
+    role: RoleState,
+    kafka_login_works: bool,
+    mode: ReplicationMode,
+}
+
+/// Step 4's changes besides its files.
+#[derive(Debug, PartialEq)]
+enum Change {
+    /// Create the replication role, or set its password (`exists`).
+    Role { exists: bool },
+    /// Set the pair's Kafka login (and prove it).
+    KafkaLogin,
+    /// Record `cluster.replication_mode = primary`.
+    Mode,
+}
+
+impl Action for Change {
+    fn describe(&self) -> String {
+        match self {
+            Change::Role { exists: true } => "update the replication role".into(),
+            Change::Role { exists: false } => "create the replication role".into(),
+            Change::KafkaLogin => "set the pair's Kafka login".into(),
+            Change::Mode => "set cluster.replication_mode = primary".into(),
+        }
     }
-    Ok(outcome)
+}
+
+/// Step 4's decisions, from what it found.
+fn plan(files: FilePlan, observed: &Observed) -> Plan<Change> {
+    let mut plan = Plan::new(files);
+    match observed.role {
+        RoleState::Current => {}
+        RoleState::Missing => plan.push(Change::Role { exists: false }),
+        RoleState::OtherPassword => plan.push(Change::Role { exists: true }),
+    }
+    if !observed.kafka_login_works {
+        plan.push(Change::KafkaLogin);
+    }
+    if observed.mode != ReplicationMode::Primary {
+        plan.push(Change::Mode);
+    }
+    plan
 }
 
 fn postgres_dropin(args: &Args, address: Ipv4Addr) -> String {
@@ -272,4 +304,34 @@ mod tests {
         Args,
         json!({"address": "10.0.0.1", "replication_password": "a long test password", "redis_password": "another test password", "kafka_password": "a third test password"})
     );
+
+    #[test]
+    fn only_what_differs_is_planned_in_order() {
+        let observed = |role, kafka_login_works, mode| Observed {
+            role,
+            kafka_login_works,
+            mode,
+        };
+        let done = observed(RoleState::Current, true, ReplicationMode::Primary);
+        assert!(plan(FilePlan::default(), &done).is_empty());
+        let fresh = observed(RoleState::Missing, false, ReplicationMode::Standalone);
+        assert_eq!(
+            plan(FilePlan::default(), &fresh).actions,
+            vec![
+                Change::Role { exists: false },
+                Change::KafkaLogin,
+                Change::Mode
+            ]
+        );
+        // A new password updates the role; a secondary turned primary is
+        // recorded as such.
+        let changed = observed(RoleState::OtherPassword, true, ReplicationMode::Secondary);
+        assert_eq!(
+            plan(FilePlan::default(), &changed).describe(),
+            vec![
+                "update the replication role",
+                "set cluster.replication_mode = primary"
+            ]
+        );
+    }
 }

@@ -13,8 +13,8 @@ use anyhow::{bail, Context as _, Result};
 use hapair_core::account::{self, Account};
 use hapair_core::files::{self, Owner};
 use hapair_core::protocol::{self, ansible_bool};
-use hapair_core::ssh::{self, KeyPair};
-use hapair_core::{Context, Diff, Outcome, Spec};
+use hapair_core::ssh::{self, KeyPair, PRIVATE_KEY_MODE, PUBLIC_KEY_MODE, SSH_DIR_MODE};
+use hapair_core::{Action, Context, Diff, Outcome, Plan, Spec};
 use serde::Deserialize;
 
 const SPEC: Spec = Spec {
@@ -24,9 +24,6 @@ const SPEC: Spec = Spec {
 };
 
 const HOME_MODE: u32 = 0o750;
-const SSH_DIR_MODE: u32 = 0o700;
-const PRIVATE_KEY_MODE: u32 = 0o600;
-const PUBLIC_KEY_MODE: u32 = 0o644;
 
 #[derive(Debug, Deserialize)]
 #[cfg_attr(test, derive(serde::Serialize))]
@@ -112,58 +109,61 @@ fn cluster_generate_keys(args: Args, ctx: &mut Context) -> Result<Outcome> {
         None => None,
     };
 
-    let steps = plan(&args, existing.as_ref(), &home, &pair, ctx)?;
-    let descriptions: Vec<String> = steps
-        .iter()
-        .map(|s| s.describe(&args.account, &pair))
-        .collect();
-
-    if ctx.check_mode || steps.is_empty() {
-        let msg = if steps.is_empty() {
-            format!("{} already has its key pair", args.account)
-        } else {
-            format!("would {}", descriptions.join(", then "))
-        };
-        let fingerprint = match &before_public {
-            Some(_) => Some(pair.fingerprint()?.hash),
-            None => None,
-        };
-        return Ok(result(
-            Outcome::new(!steps.is_empty(), msg),
-            &args.account,
-            &pair,
-            before_public.as_deref(),
-            fingerprint,
-            &descriptions,
-        ));
+    let mut plan: Plan<Described> = Plan::default();
+    for step in plan_steps(&args, existing.as_ref(), &home, &pair, ctx)? {
+        let text = step.describe(&args.account, &pair);
+        plan.push(Described { step, text });
     }
-
+    let changes = !plan.is_empty();
+    let unchanged = format!("{} already has its key pair", args.account);
     let mut account = existing;
-    for step in &steps {
-        apply(step, &args, &mut account, &pair)?;
+    let outcome = plan.run(ctx, unchanged, |plan, _| {
+        for Described { step, .. } in &plan.actions {
+            apply(step, &args, &mut account, &pair)?;
+        }
+        Ok(Vec::new())
+    })?;
+
+    let public = match &account {
+        Some(_) => pair.read_public()?,
+        None => None,
+    };
+    let fingerprint = match &public {
+        Some(_) => Some(pair.fingerprint()?.hash),
+        None => None,
+    };
+    let mut outcome = outcome
+        .with("account", &args.account)
+        .with("private_key_path", &pair.private)
+        .with("public_key_path", &pair.public)
+        .with("public_key", &public)
+        .with("fingerprint", fingerprint);
+    if changes && !ctx.check_mode {
+        let public = public.context("the public key is missing after generating it")?;
+        outcome = outcome.with_diff(Diff {
+            before: before_public.map(|k| k + "\n").unwrap_or_default(),
+            after: format!("{public}\n"),
+            before_header: pair.public.display().to_string(),
+            after_header: pair.public.display().to_string(),
+        });
     }
-    let public = pair
-        .read_public()?
-        .context("the public key is missing after generating it")?;
-    let fingerprint = pair.fingerprint()?.hash;
-    let outcome = Outcome::changed(capitalise(&descriptions.join(", then "))).with_diff(Diff {
-        before: before_public.map(|k| k + "\n").unwrap_or_default(),
-        after: format!("{public}\n"),
-        before_header: pair.public.display().to_string(),
-        after_header: pair.public.display().to_string(),
-    });
-    Ok(result(
-        outcome,
-        &args.account,
-        &pair,
-        Some(&public),
-        Some(fingerprint),
-        &descriptions,
-    ))
+    Ok(outcome)
+}
+
+/// A step with what it says it does.
+struct Described {
+    step: Step,
+    text: String,
+}
+
+impl Action for Described {
+    fn describe(&self) -> String {
+        self.text.clone()
+    }
 }
 
 /// Compares the host with what it should be, and lists the steps between.
-fn plan(
+fn plan_steps(
     args: &Args,
     existing: Option<&Account>,
     home: &Path,
@@ -325,35 +325,10 @@ fn file_name(path: &Path) -> Result<&std::ffi::OsStr> {
         .with_context(|| format!("{} names no file", path.display()))
 }
 
-fn result(
-    outcome: Outcome,
-    account: &str,
-    pair: &KeyPair,
-    public_key: Option<&str>,
-    fingerprint: Option<String>,
-    actions: &[String],
-) -> Outcome {
-    outcome
-        .with("account", account)
-        .with("private_key_path", &pair.private)
-        .with("public_key_path", &pair.public)
-        .with("public_key", public_key)
-        .with("fingerprint", fingerprint)
-        .with("actions", actions)
-}
-
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "localhost".to_string())
-}
-
-fn capitalise(text: &str) -> String {
-    let mut chars = text.chars();
-    match chars.next() {
-        Some(first) => first.to_uppercase().chain(chars).collect(),
-        None => String::new(),
-    }
 }
 
 #[cfg(test)]
@@ -367,7 +342,7 @@ mod tests {
     fn a_missing_account_plans_everything() {
         let args: Args = serde_json::from_value(json!({})).unwrap();
         let pair = KeyPair::in_ssh_dir(Path::new("/var/lib/hapair/.ssh"), None);
-        let steps = plan(
+        let steps = plan_steps(
             &args,
             None,
             Path::new("/var/lib/hapair"),
@@ -404,7 +379,7 @@ mod tests {
     fn an_account_left_without_its_home_gets_one() {
         let args: Args = serde_json::from_value(json!({})).unwrap();
         let (account, pair) = scratch_account("nohome");
-        let steps = plan(
+        let steps = plan_steps(
             &args,
             Some(&account),
             &account.home,
@@ -440,7 +415,7 @@ mod tests {
         )
         .unwrap();
         let mut ctx = Context::default();
-        let steps = plan(&args, Some(&account), &account.home, &pair, &mut ctx).unwrap();
+        let steps = plan_steps(&args, Some(&account), &account.home, &pair, &mut ctx).unwrap();
         assert!(
             matches!(&steps[..], [Step::SetAsideKey { private, .. }, Step::GenerateKey]
                 if private.to_string_lossy().contains(".broken-")),
@@ -452,7 +427,7 @@ mod tests {
             "-----BEGIN OPENSSH PRIVATE KEY-----\ngarbage\n-----END OPENSSH PRIVATE KEY-----\n",
         )
         .unwrap();
-        let err = plan(&args, Some(&account), &account.home, &pair, &mut ctx).unwrap_err();
+        let err = plan_steps(&args, Some(&account), &account.home, &pair, &mut ctx).unwrap_err();
         assert!(format!("{err:#}").contains("force"), "{err:#}");
         std::fs::remove_dir_all(&account.home).unwrap();
     }

@@ -26,7 +26,7 @@ use hapair_core::instance::{self, InstanceConfig};
 use hapair_core::protocol::Seconds;
 use hapair_core::redis::{self, Info, Server};
 use hapair_core::services::Unit;
-use hapair_core::{net, protocol, wait, Context, Outcome, Secret, Spec};
+use hapair_core::{net, protocol, wait, Action, Context, Outcome, Plan, Secret, Spec};
 use serde::Deserialize;
 
 const SPEC: Spec = Spec {
@@ -72,22 +72,14 @@ fn cluster_kvstore_copy(args: Args, ctx: &mut Context) -> Result<Outcome> {
         None => net::source_address_for(primary)?,
     };
     let redis_config = files::clean_path("redis_config", &args.redis_config)?;
-    let found = files::existing(&redis_config)?;
-    let dropin = redis::dropin_path(&redis_config);
-    let include = format!("include {}", dropin.display());
-    let upstream = Some((primary, args.redis_port));
     let mut files = FilePlan::default();
-    files.secret_file(
-        &dropin,
-        |_| redis::dropin_text(SPEC.name, address, &args.redis_password, upstream),
-        0o640,
-        Some(found.owner),
-    )?;
-    files.file(
+    redis::plan_files(
+        &mut files,
+        SPEC.name,
         &redis_config,
-        |text| redis::with_line(text, &include),
-        found.config_mode(),
-        Some(found.owner),
+        address,
+        &args.redis_password,
+        Some((primary, args.redis_port)),
     )?;
     let local = Server::local(args.redis_port, Some(args.redis_password.clone()));
     let unit = Unit::new(&args.redis_unit);
@@ -121,45 +113,61 @@ fn cluster_kvstore_copy(args: Args, ctx: &mut Context) -> Result<Outcome> {
     };
     check_primary(&source)?;
 
-    // 4. What the sync will replace.
+    // 4. What the sync will replace, and the plan.
     let replaced = Replaced::read(&local);
     let restart = !files.changes.is_empty() || !unit.is_active()?;
-    if ctx.check_mode {
-        let mut outcome = Outcome::changed(format!(
-            "would make Redis a replica of {primary}:{}{}, replacing {}",
-            args.redis_port,
-            if restart { " (and restart it)" } else { "" },
-            replaced.describe()
-        ));
-        for change in files.changes {
-            outcome = outcome.with_diff(change.diff);
-        }
-        return Ok(replaced.returned(outcome));
+    let mut plan = Plan::new(files);
+    if restart {
+        plan.push(MakeReplica {
+            primary,
+            port: args.redis_port,
+            replacing: replaced.describe(),
+        });
     }
 
-    // 5. Replicate, and wait for the first sync.
+    // 5. Replicate, and wait for the first sync: after a restart, or
+    // already under way (the plan then has nothing to change).
     let started = Instant::now();
-    files.apply()?;
-    if restart {
+    let sync = |ctx: &Context| -> Result<String> {
+        wait_for_sync(&local, primary, args.redis_port, args.sync_timeout, ctx)?;
+        Ok(format!(
+            "in sync after {:.1} s",
+            started.elapsed().as_secs_f64()
+        ))
+    };
+    let syncing = format!(
+        "Redis already replicates from {primary}:{}; its first sync was under way",
+        args.redis_port
+    );
+    let mut outcome = plan.run(ctx, syncing, |plan, ctx| {
+        plan.files.apply()?;
         unit.restart()?;
+        Ok(vec![sync(ctx)?])
+    })?;
+    if !restart && !ctx.check_mode {
+        outcome.msg = format!("{}, and is {}", outcome.msg, sync(ctx)?);
     }
-    wait_for_sync(&local, primary, args.redis_port, args.sync_timeout, ctx)?;
-    let seconds = started.elapsed().as_secs_f64();
-    let mut outcome = Outcome::new(
-        restart,
+    if !ctx.check_mode {
+        outcome = outcome.with("sync_seconds", started.elapsed().as_secs_f64());
+    }
+    Ok(replaced.returned(outcome.with("primary", primary.to_string())))
+}
+
+/// Step 9's change besides its files: Redis restarted as a replica of the
+/// primary, which replaces its data with the primary's.
+struct MakeReplica {
+    primary: Ipv4Addr,
+    port: u16,
+    replacing: String,
+}
+
+impl Action for MakeReplica {
+    fn describe(&self) -> String {
         format!(
-            "Redis replicates from {primary}:{} and is in sync (after {seconds:.1} s); it \
-             replaced {}",
-            args.redis_port,
-            replaced.describe()
-        ),
-    )
-    .with("primary", primary.to_string())
-    .with("sync_seconds", seconds);
-    for change in files.changes {
-        outcome = outcome.with_diff(change.diff);
+            "restart Redis as a replica of {}:{}, replacing {}",
+            self.primary, self.port, self.replacing
+        )
     }
-    Ok(replaced.returned(outcome))
 }
 
 /// Where a replica stands with its primary, from `INFO replication`.

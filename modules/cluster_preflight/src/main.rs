@@ -16,7 +16,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context as _, Result};
 use hapair_core::command::Command;
 use hapair_core::instance::{self, InstanceConfig, Key};
-use hapair_core::{net, protocol, ssh, Context, Outcome, Spec};
+use hapair_core::{net, postgres, protocol, ssh, Context, Outcome, Spec};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -120,13 +120,7 @@ fn cluster_preflight(args: Args, ctx: &mut Context) -> Result<Outcome> {
 fn gather(args: &Args, ctx: &mut Context) -> Result<Facts> {
     let config = InstanceConfig::load(&args.instance_config)?;
     let recorded = |name: &str| config.value(&Key::parse(name).expect("a known key"));
-    let recorded_hosts = match recorded(instance::HOSTS) {
-        Some(Value::Array(hosts)) => hosts
-            .iter()
-            .filter_map(|h| h.as_str().map(String::from))
-            .collect(),
-        _ => Vec::new(),
-    };
+    let recorded_hosts = config.hosts()?.iter().map(|h| h.to_string()).collect();
     let string = |value: Option<Value>| value.and_then(|v| v.as_str().map(String::from));
     let mut optional = |what: &str, result: Result<Option<String>>| match result {
         Ok(version) => version,
@@ -147,7 +141,10 @@ fn gather(args: &Args, ctx: &mut Context) -> Result<Facts> {
         data_partition_bytes: partition_bytes(&args.data_path)?,
         install_path: args.install_path.display().to_string(),
         install_partition_bytes: partition_bytes(&args.install_path)?,
-        postgresql_version: optional("PostgreSQL", postgresql_version(&args.postgresql_data_dir)),
+        postgresql_version: optional(
+            "PostgreSQL",
+            postgres::installed_version(&args.postgresql_data_dir),
+        ),
         redis_version: optional("Redis", redis_version()),
         kafka_version: optional("Kafka", kafka_version(&args.kafka_home)),
         app_version: string(recorded(instance::APP_VERSION)),
@@ -210,44 +207,6 @@ fn parse_df_size(output: &str) -> Option<u64> {
         .nth(1)?
         .parse()
         .ok()
-}
-
-/// The full version of the PostgreSQL that runs the cluster in `data_dir`.
-/// PG_VERSION is postgres's file: what it holds is taken only as a major
-/// version number, which picks Debian's binary of that version.
-fn postgresql_version(data_dir: &Path) -> Result<Option<String>> {
-    let path = data_dir.join("PG_VERSION");
-    let Some(text) = hapair_core::files::read_optional(&path)? else {
-        return Ok(None);
-    };
-    let major = parse_major_version(&text).with_context(|| {
-        format!(
-            "{} holds {:?}, not a PostgreSQL major version: nothing is run on its word",
-            path.display(),
-            protocol::excerpt(text.trim())
-        )
-    })?;
-    let postgres = Path::new("/usr/lib/postgresql")
-        .join(major)
-        .join("bin/postgres");
-    let out = Command::new(postgres.display().to_string())
-        .arg("--version")
-        .run()?;
-    Ok(parse_version_after(&out.stdout, "(PostgreSQL) "))
-}
-
-/// A major version as PG_VERSION holds it: `15`, or `9.6` before 10.
-/// Anything else (a path, a word) is `None`.
-fn parse_major_version(text: &str) -> Option<String> {
-    let text = text.trim();
-    let number = |part: &str| {
-        !part.is_empty() && part.len() <= 3 && part.bytes().all(|b| b.is_ascii_digit())
-    };
-    let valid = match text.split_once('.') {
-        Some((major, minor)) => number(major) && minor.len() == 1 && number(minor),
-        None => number(text),
-    };
-    valid.then(|| text.to_string())
 }
 
 fn redis_version() -> Result<Option<String>> {
@@ -389,23 +348,6 @@ mod tests {
     }
 
     hapair_core::doc_test!(Args, json!({}));
-
-    #[test]
-    fn only_a_version_number_picks_a_program() {
-        assert_eq!(parse_major_version("15\n"), Some("15".into()));
-        assert_eq!(parse_major_version("9.6"), Some("9.6".into()));
-        for hostile in [
-            "../../../tmp/x",
-            "15/../../x",
-            "",
-            "15 x",
-            "1234",
-            "9.6.1",
-            "/tmp/x",
-        ] {
-            assert_eq!(parse_major_version(hostile), None, "{hostile}");
-        }
-    }
 
     #[test]
     fn identical_hosts_match_and_differences_are_listed_with_both_values() {

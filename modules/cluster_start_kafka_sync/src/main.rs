@@ -31,7 +31,7 @@ use hapair_core::instance::{self, InstanceConfig};
 use hapair_core::kafka::{self, Login, PairKafka, Tools};
 use hapair_core::protocol::Seconds;
 use hapair_core::services::{self, Unit};
-use hapair_core::{net, protocol, wait, Context, Outcome, Secret, Spec};
+use hapair_core::{net, protocol, wait, Action, Context, Outcome, Plan, Secret, Spec};
 use serde::Deserialize;
 
 const SPEC: Spec = Spec {
@@ -157,12 +157,12 @@ fn cluster_start_kafka_sync(args: Args, ctx: &mut Context) -> Result<Outcome> {
     let local = format!("127.0.0.1:{}", args.kafka_port);
     let active = unit.is_active()?;
     let login_works = kafka.login_works(&files)?;
+    let unchanged = format!(
+        "MirrorMaker 2 already mirrors {primary}:{} into this host's Kafka",
+        args.kafka_pair_port
+    );
     if files.changes.is_empty() && login_works && active && unit.is_enabled()? {
-        return Ok(Outcome::unchanged(format!(
-            "MirrorMaker 2 already mirrors {primary}:{} into this host's Kafka",
-            args.kafka_pair_port
-        ))
-        .with("unit", UNIT));
+        return Ok(Outcome::unchanged(unchanged).with("unit", UNIT));
     }
 
     // Mirrored records are appended to this host's topics of the same name.
@@ -185,32 +185,46 @@ fn cluster_start_kafka_sync(args: Args, ctx: &mut Context) -> Result<Outcome> {
             )
         })?;
 
-    let restart = !files.changes.is_empty() || !active;
-    let mut outcome = if ctx.check_mode {
-        Outcome::changed(format!(
-            "would start MirrorMaker 2 ({UNIT}), mirroring {source} into this host's Kafka"
-        ))
-    } else {
-        let unit_changed = files.changes(&unit.file());
+    let mut plan = Plan::new(files);
+    if !login_works {
+        plan.push(Change::KafkaLogin);
+    }
+    plan.push(Change::StartMirrorMaker { source });
+    let outcome = plan.run(ctx, unchanged, |plan, _| {
+        let files = &plan.files;
         files.apply()?;
-        kafka.apply(&files, login_works)?;
-        if unit_changed {
+        kafka.apply(files, login_works)?;
+        if files.changes(&unit.file()) {
             services::daemon_reload()?;
         }
         unit.enable()?;
-        if restart {
+        // A changed configuration, or a unit that is down.
+        if !files.changes.is_empty() || !active {
             unit.restart()?;
         }
         wait_for_heartbeats(&kafka.tools, &local, &unit, args.start_timeout)?;
-        Outcome::changed(format!(
-            "MirrorMaker 2 ({UNIT}) mirrors {source} into this host's Kafka; the primary's \
-             heartbeats arrive here"
-        ))
-    };
-    for change in files.changes {
-        outcome = outcome.with_diff(change.diff);
-    }
+        Ok(vec!["the primary's heartbeats arrive here".into()])
+    })?;
     Ok(outcome.with("unit", UNIT).with("config", CONFIG))
+}
+
+/// Step 10's changes besides its files.
+enum Change {
+    /// Set the pair's login on this host's Kafka (and prove it).
+    KafkaLogin,
+    /// Run MirrorMaker 2, reading the primary at `source`.
+    StartMirrorMaker { source: String },
+}
+
+impl Action for Change {
+    fn describe(&self) -> String {
+        match self {
+            Change::KafkaLogin => "set the pair's Kafka login".into(),
+            Change::StartMirrorMaker { source } => {
+                format!("start MirrorMaker 2 ({UNIT}), mirroring {source} into this host's Kafka")
+            }
+        }
+    }
 }
 
 /// The heap, as `-Xmx` takes it: digits and a unit (m or g).

@@ -8,9 +8,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Result};
+use hapair_core::files::FilePlan;
 use hapair_core::instance::{self, InstanceConfig, Key};
 use hapair_core::protocol;
-use hapair_core::{Context, Diff, Outcome, Spec};
+use hapair_core::{Context, Outcome, Plan, Spec};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -90,11 +91,6 @@ fn instance_conf(args: Args, ctx: &mut Context) -> Result<Outcome> {
             after.remove(key.name);
         }
     }
-    let changed = after != before;
-    if changed && !ctx.check_mode {
-        after.save()?;
-    }
-
     if key.name == instance::PROTECTED && before.is_protected() && !after.is_protected() {
         ctx.warn(
             "cluster.protected_instance is now false: the pair set-up may delete this host's \
@@ -109,47 +105,42 @@ fn instance_conf(args: Args, ctx: &mut Context) -> Result<Outcome> {
             .value(&key)
             .map_or_else(|| "unset".to_string(), |v| v.to_string())
     };
-    let would = if ctx.check_mode { "would be " } else { "" };
-    let msg = match (&request, changed) {
-        (Request::Read, _) => format!("{} is {}", key.name, shown(&after)),
-        (Request::Set(_), true) => format!(
-            "{} {would}set to {} (was {})",
-            key.name,
-            shown(&after),
-            shown(&before)
-        ),
-        (Request::Set(_), false) => format!("{} is already {}", key.name, shown(&after)),
-        (Request::Unset, true) => format!(
-            "{} {would}removed (was {}, now {})",
-            key.name,
-            shown(&before),
-            shown(&after)
-        ),
-        (Request::Unset, false) => format!("{} is not set", key.name),
+    let mut files = FilePlan::default();
+    if after != before {
+        let action = match &request {
+            Request::Unset => format!(
+                "remove {} (was {}, now {})",
+                key.name,
+                shown(&before),
+                shown(&after)
+            ),
+            _ => format!(
+                "set {} to {} (was {})",
+                key.name,
+                shown(&after),
+                shown(&before)
+            ),
+        };
+        files
+            .changes
+            .push(after.rewrite_of(&before, existed, action));
+    }
+    let unchanged = match &request {
+        Request::Read => format!("{} is {}", key.name, shown(&after)),
+        Request::Set(_) => format!("{} is already {}", key.name, shown(&after)),
+        Request::Unset => format!("{} is not set", key.name),
     };
-
-    let mut outcome = Outcome::new(changed, msg)
+    let outcome = Plan::<String>::new(files).run(ctx, unchanged, |plan, _| {
+        plan.files.apply()?;
+        Ok(Vec::new())
+    })?;
+    Ok(outcome
         .with("key", key.name)
         .with("value", after.value(&key))
         .with("previous", before.value(&key))
         .with("is_default", after.stored(key.name).is_none())
         .with("safety_relevant", key.safety_relevant())
-        .with("path", &args.path);
-    if changed {
-        let header = args.path.display().to_string();
-        outcome = outcome.with_diff(Diff {
-            // A config that didn't exist diffs as empty, not as `{}`.
-            before: if existed {
-                before.render()
-            } else {
-                String::new()
-            },
-            after: after.render(),
-            before_header: header.clone(),
-            after_header: header,
-        });
-    }
-    Ok(outcome)
+        .with("path", &args.path))
 }
 
 /// The seed's way of calling it, for runs by hand:

@@ -15,21 +15,16 @@ use std::process::ExitCode;
 use anyhow::{bail, Context as _, Result};
 use hapair_core::account::{self, Account};
 use hapair_core::files::{self, FilePlan};
-use hapair_core::instance::{self, InstanceConfig, Key};
-use hapair_core::ssh::{self, KeyPair, PublicKey};
-use hapair_core::{net, protocol, Context, Outcome, Spec};
+use hapair_core::instance::{self, InstanceConfig};
+use hapair_core::ssh::{self, KeyPair, PublicKey, AUTHORIZED_KEYS_MODE, KNOWN_HOSTS_MODE};
+use hapair_core::{net, protocol, Action, Context, Outcome, Plan, Spec};
 use serde::Deserialize;
-use serde_json::Value;
 
 const SPEC: Spec = Spec {
     name: "replication_helper",
     doc: include_str!("../replication_helper.yml"),
     shorthand: None,
 };
-
-const AUTHORIZED_KEYS_MODE: u32 = 0o600;
-// As ssh itself writes it when it adds the peer's other host keys.
-const KNOWN_HOSTS_MODE: u32 = 0o600;
 
 #[derive(Debug, Deserialize)]
 #[cfg_attr(test, derive(serde::Serialize))]
@@ -113,10 +108,10 @@ fn replication_helper(args: Args, ctx: &mut Context) -> Result<Outcome> {
     }
 
     let owner = Some(account.owner());
-    let mut plan = FilePlan::default();
+    let mut plan_files = FilePlan::default();
     let (peer_host_key, host_key_source) = peer_host_key(&args, &ssh_dir, peer.address, ctx)?;
     let authorized = ssh_dir.join("authorized_keys");
-    plan.file(
+    plan_files.file(
         &authorized,
         |current| ssh::authorized_keys_with(current, &peer.public_key, peer.address),
         AUTHORIZED_KEYS_MODE,
@@ -124,7 +119,7 @@ fn replication_helper(args: Args, ctx: &mut Context) -> Result<Outcome> {
     )?;
     let known_hosts = ssh_dir.join("known_hosts");
     let mut replaced = None;
-    plan.file(
+    plan_files.file(
         &known_hosts,
         |current| {
             let pinned = ssh::known_hosts_with(current, peer.address, &peer_host_key);
@@ -142,49 +137,55 @@ fn replication_helper(args: Args, ctx: &mut Context) -> Result<Outcome> {
             peer_host_key.material()
         ));
     }
-    let mut with_hosts = config.clone();
-    let hosts_changed = with_hosts.add_hosts(&[address, peer.address])?;
-    let hosts_after = with_hosts
-        .stored(instance::HOSTS)
-        .cloned()
-        .unwrap_or_default();
-
-    let changed = !plan.changes.is_empty() || hosts_changed;
-    if changed && !ctx.check_mode {
-        plan.apply()?;
-        if hosts_changed {
+    let plan = plan(plan_files, &config, address, peer.address)?;
+    let unchanged = format!(
+        "{} already trusts {} from {} and pins its host key",
+        args.account, args.account, peer.address
+    );
+    let outcome = plan.run(ctx, unchanged, |plan, _| {
+        plan.files.apply()?;
+        for RecordHosts(hosts) in &plan.actions {
             InstanceConfig::update(&args.instance_config, |config| {
-                config.add_hosts(&[address, peer.address]).map(|_| ())
+                config.add_hosts(hosts).map(|_| ())
             })?;
         }
-    }
-
-    let mut actions: Vec<String> = plan.changes.iter().map(|c| c.action.clone()).collect();
-    if hosts_changed {
-        actions.push(format!("record cluster.hosts = {hosts_after}"));
-    }
-    let msg = if changed {
-        let would = if ctx.check_mode { "would " } else { "" };
-        format!("{would}{}", actions.join(", "))
-    } else {
-        format!(
-            "{} already trusts {} from {} and pins its host key",
-            args.account, args.account, peer.address
-        )
-    };
+        Ok(Vec::new())
+    })?;
     let own_host_key = ssh::own_host_key().ok().map(|k| k.material());
-    let mut outcome = Outcome::new(changed, msg)
+    Ok(outcome
         .with("public_key", &own_key)
         .with("address", address.to_string())
         .with("host_key", own_host_key)
         .with("peer_address", peer.address.to_string())
         .with("peer_host_key", peer_host_key.material())
-        .with("host_key_source", host_key_source)
-        .with("actions", &actions);
-    for change in plan.changes {
-        outcome = outcome.with_diff(change.diff);
+        .with("host_key_source", host_key_source))
+}
+
+/// Step 3's change besides the two files: both hosts in `cluster.hosts`.
+#[derive(Debug, PartialEq)]
+struct RecordHosts(Vec<Ipv4Addr>);
+
+impl Action for RecordHosts {
+    fn describe(&self) -> String {
+        let hosts: Vec<String> = self.0.iter().map(|h| format!("\"{h}\"")).collect();
+        format!("record cluster.hosts = [{}]", hosts.join(","))
     }
-    Ok(outcome)
+}
+
+/// Step 3's decisions: the files as planned, and the hosts' record when
+/// either address is missing from it (the full list it will hold).
+fn plan(
+    files: FilePlan,
+    config: &InstanceConfig,
+    address: Ipv4Addr,
+    peer: Ipv4Addr,
+) -> Result<Plan<RecordHosts>> {
+    let mut plan = Plan::new(files);
+    let mut with_hosts = config.clone();
+    if with_hosts.add_hosts(&[address, peer])? {
+        plan.push(RecordHosts(with_hosts.hosts()?));
+    }
+    Ok(plan)
 }
 
 /// The seed's way: show this host's key and address, ask for the peer's,
@@ -235,25 +236,18 @@ fn ask_until_valid<T>(
 /// else the source address of the route to the peer (or, with no peer yet,
 /// the first address of this host).
 fn own_address(args: &Args, peer: Option<Ipv4Addr>, config: &InstanceConfig) -> Result<Ipv4Addr> {
-    let own = net::host_ipv4_addresses()?;
     let chosen = if let Some(address) = &args.address {
         instance::parse_ipv4_str("address", address)?
-    } else if let (Some(true), Some(Value::String(ip))) = (
-        config
-            .value(&Key::parse(instance::ENABLE_OVERRIDE_IP)?)
-            .and_then(|v| v.as_bool()),
-        config.value(&Key::parse(instance::OVERRIDE_IP)?),
-    ) {
-        instance::parse_ipv4(instance::OVERRIDE_IP, &Value::String(ip))?
+    } else if let Some(ip) = config.override_ip()? {
+        ip
     } else if let Some(peer) = peer {
         net::source_address_for(peer)?
     } else {
-        *own.first()
+        *net::host_ipv4_addresses()?
+            .first()
             .context("this host has no IPv4 address besides loopback")?
     };
-    if !own.contains(&chosen) {
-        bail!("address {chosen} is not one of this host's addresses ({own:?})");
-    }
+    net::ensure_own_address(chosen)?;
     Ok(chosen)
 }
 
@@ -286,4 +280,42 @@ mod tests {
     use serde_json::json;
 
     hapair_core::doc_test!(Args, json!({}));
+
+    fn config(root: serde_json::Value) -> InstanceConfig {
+        InstanceConfig::parse(Path::new("/nonexistent"), &root.to_string()).unwrap()
+    }
+
+    #[test]
+    fn the_hosts_are_recorded_once_both_and_in_order() {
+        let (me, peer) = (Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2));
+        let fresh = plan(FilePlan::default(), &config(json!({})), me, peer).unwrap();
+        assert_eq!(fresh.actions, vec![RecordHosts(vec![me, peer])]);
+        assert_eq!(
+            fresh.describe(),
+            vec![r#"record cluster.hosts = ["10.0.0.1","10.0.0.2"]"#]
+        );
+        let both = config(json!({"cluster": {"hosts": ["10.0.0.2", "10.0.0.1"]}}));
+        assert!(plan(FilePlan::default(), &both, me, peer)
+            .unwrap()
+            .is_empty());
+        // A third host already recorded stays, and the missing one is added.
+        let other = config(json!({"cluster": {"hosts": ["10.0.0.9", "10.0.0.1"]}}));
+        let third = plan(FilePlan::default(), &other, me, peer).unwrap();
+        assert_eq!(
+            third.actions,
+            vec![RecordHosts(vec![Ipv4Addr::new(10, 0, 0, 9), me, peer])]
+        );
+    }
+
+    #[test]
+    fn the_override_ip_is_this_hosts_address_only_when_enabled() {
+        let on =
+            config(json!({"cluster": {"override_ip": "10.0.0.7", "enable_override_ip": true}}));
+        assert_eq!(on.override_ip().unwrap(), Some(Ipv4Addr::new(10, 0, 0, 7)));
+        let off =
+            config(json!({"cluster": {"override_ip": "10.0.0.7", "enable_override_ip": false}}));
+        assert_eq!(off.override_ip().unwrap(), None);
+        let bad = config(json!({"cluster": {"override_ip": "nope", "enable_override_ip": true}}));
+        assert!(bad.override_ip().is_err());
+    }
 }

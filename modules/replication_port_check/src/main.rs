@@ -12,11 +12,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use hapair_core::instance::{self, InstanceConfig, Key};
+use hapair_core::instance::{self, InstanceConfig};
 use hapair_core::net::{self, PortProbe};
 use hapair_core::{protocol, Context, Outcome, Spec};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 const SPEC: Spec = Spec {
     name: "replication_port_check",
@@ -140,27 +139,21 @@ fn replication_port_check(args: Args, _ctx: &mut Context) -> Result<Outcome> {
 
 /// The hosts to check: as given, else `cluster.hosts`.
 fn hosts(args: &Args) -> Result<Vec<Ipv4Addr>> {
-    let listed: Vec<Value> = match &args.hosts {
-        Some(hosts) => hosts.iter().cloned().map(Value::String).collect(),
-        None => {
-            let config = InstanceConfig::load(&args.instance_config)?;
-            match config.value(&Key::parse(instance::HOSTS)?) {
-                Some(Value::Array(hosts)) => hosts,
-                _ => Vec::new(),
-            }
-        }
+    let hosts = match &args.hosts {
+        Some(hosts) => hosts
+            .iter()
+            .map(|host| instance::parse_ipv4_str("hosts", host))
+            .collect::<Result<Vec<_>>>()?,
+        None => InstanceConfig::load(&args.instance_config)?.hosts()?,
     };
-    if listed.is_empty() {
+    if hosts.is_empty() {
         bail!(
             "no hosts to check: cluster.hosts in {} is empty. Run replication_helper \
              (seed step 3) first, or pass hosts",
             args.instance_config.display()
         );
     }
-    listed
-        .iter()
-        .map(|host| instance::parse_ipv4("hosts", host))
-        .collect()
+    Ok(hosts)
 }
 
 /// The most host-port pairs one run checks: a pair has ten.
