@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use hapair_tests::pair::{
-    add_secondary, kafka_login_file, make_foreign_cluster, primary_mode_args, replicate,
-    set_protected, sql, trust, KAFKA_PAIR_PORT, KAFKA_PASSWORD, PSQL, REDIS_PASSWORD,
-    REPLICATION_PASSWORD,
+    add_secondary, kafka_login_file, make_foreign_cluster, primary_mode_args, ready_for_step8,
+    replicate, set_protected, sql, streaming, trust, KAFKA_PAIR_PORT, KAFKA_PASSWORD, PSQL,
+    REDIS_PASSWORD, REPLICATION_PASSWORD,
 };
 use hapair_tests::{ensure_eq, suite, wait_for, Fleet, Host, Test, MODULE_DIR};
 use serde_json::{json, Value};
@@ -345,6 +345,7 @@ fn secondary_streams(fleet: &Fleet) -> Result<()> {
 
 fn rerun_restarts_nothing(fleet: &Fleet) -> Result<()> {
     let (primary, secondary) = (fleet.host("primary"), fleet.host("secondary"));
+    streaming(primary, secondary)?;
     let started = |h: &Host| sql(h, "select pg_postmaster_start_time()");
     let before = (started(primary)?, started(secondary)?);
     ensure_eq!(add_secondary(primary, secondary)?.ok()?.changed(), false);
@@ -360,6 +361,7 @@ fn rerun_restarts_nothing(fleet: &Fleet) -> Result<()> {
 /// identifier, with a marker table.
 fn reseeds_another_cluster(fleet: &Fleet) -> Result<()> {
     let (primary, secondary) = (fleet.host("primary"), fleet.host("secondary"));
+    ready_for_step8(primary, secondary)?;
     let foreign = make_foreign_cluster(secondary)?;
     let primary_id = sql(primary, "select system_identifier from pg_control_system()")?;
     if foreign == primary_id {
@@ -383,6 +385,7 @@ fn reseeds_another_cluster(fleet: &Fleet) -> Result<()> {
 
 fn primary_stops_mid_copy(fleet: &Fleet) -> Result<()> {
     let (primary, secondary) = (fleet.host("primary"), fleet.host("secondary"));
+    ready_for_step8(primary, secondary)?;
     // Enough data, and a slow enough copy, to stop the primary half-way.
     primary.sh("runuser -u postgres -- pgbench -q -i -s 8 postgres")?;
     let foreign = make_foreign_cluster(secondary)?;

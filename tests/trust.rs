@@ -485,7 +485,7 @@ fn port_check(fleet: &Fleet) -> Result<()> {
     // By hand on a terminal: a table.
     primary.write(
         "/tmp/port-args.json",
-        &json!({"instance_config": config}).to_string(),
+        &json!({"ports": ports, "instance_config": config}).to_string(),
     )?;
     let table = primary.sh(&format!(
         "script -qec '{MODULE_DIR}/replication_port_check --args-file /tmp/port-args.json' /dev/null"

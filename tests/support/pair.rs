@@ -118,6 +118,17 @@ pub fn primary_mode(primary: &Host) -> Result<()> {
     Ok(())
 }
 
+/// Seed steps 2 to 8 on the pair, as far as they aren't done yet: a
+/// secondary that streams, for a test that starts from one and runs alone.
+pub fn streaming(primary: &Host, secondary: &Host) -> Result<()> {
+    ready_for_step8(primary, secondary)?;
+    let status = sql(secondary, "select status from pg_stat_wal_receiver")?;
+    if status != "streaming" {
+        replicate(secondary, primary, json!({}))?.ok()?;
+    }
+    Ok(())
+}
+
 /// Seed steps 2 to 7 on the pair, as far as they aren't done yet: what a
 /// test of step 8 needs, so that it can run alone.
 pub fn ready_for_step8(primary: &Host, secondary: &Host) -> Result<()> {

@@ -237,6 +237,51 @@ fn table(report: &[Check]) -> String {
 mod tests {
     use super::*;
 
+    /// The playbook's `hapair_required_ports` (inventory/group_vars) are
+    /// this module's defaults: the operator's file and the module agree.
+    #[test]
+    fn group_vars_require_what_the_module_requires() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../inventory/group_vars/all.yml"
+        );
+        let text = std::fs::read_to_string(path).unwrap();
+        let value = |line: &str, key: &str| -> String {
+            let rest = &line[line.find(&format!("{key}: ")).unwrap() + key.len() + 2..];
+            match rest.strip_prefix('"') {
+                Some(quoted) => quoted.split('"').next().unwrap().to_string(),
+                None => rest.split([',', '}']).next().unwrap().trim().to_string(),
+            }
+        };
+        let pair_port = text
+            .lines()
+            .find_map(|l| l.strip_prefix("hapair_kafka_pair_port: "))
+            .unwrap()
+            .trim()
+            .to_string();
+        let listed: Vec<(String, String, String)> = text
+            .lines()
+            .skip_while(|l| !l.starts_with("hapair_required_ports:"))
+            .skip(1)
+            .take_while(|l| l.trim_start().starts_with("- {"))
+            .map(|l| {
+                let port = value(l, "port").replace("{{ hapair_kafka_pair_port }}", &pair_port);
+                (value(l, "service"), port, value(l, "required"))
+            })
+            .collect();
+        let defaults: Vec<(String, String, String)> = default_ports()
+            .iter()
+            .map(|p| {
+                (
+                    p.service.clone(),
+                    p.port.to_string(),
+                    p.required.to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(listed, defaults);
+    }
+
     #[test]
     fn many_checks_are_bounded_in_number_and_concurrency() {
         let ports: Vec<Port> = (1..=100)
