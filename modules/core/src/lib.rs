@@ -45,6 +45,7 @@ pub mod plan;
 pub mod postgres;
 pub mod protocol;
 pub mod redis;
+pub mod rsync;
 pub mod secret;
 pub mod services;
 pub mod ssh;

@@ -32,10 +32,21 @@ impl RunLock {
     /// waiting. Held by a live run: an error naming its process. Left by a
     /// killed run: its orphaned process group is ended first.
     pub fn take(name: &str, what: &str) -> Result<RunLock> {
-        Self::take_in(Path::new(LOCK_DIR), name, what)
+        Self::take_in(Path::new(LOCK_DIR), name, what, std::time::Duration::ZERO)
     }
 
-    pub fn take_in(dir: &Path, name: &str, what: &str) -> Result<RunLock> {
+    /// Like [`RunLock::take`], but a live run's lock is waited for, up to
+    /// `patience`: for short steps that a timer may be running right now.
+    pub fn take_waiting(name: &str, what: &str, patience: std::time::Duration) -> Result<RunLock> {
+        Self::take_in(Path::new(LOCK_DIR), name, what, patience)
+    }
+
+    pub fn take_in(
+        dir: &Path,
+        name: &str,
+        what: &str,
+        patience: std::time::Duration,
+    ) -> Result<RunLock> {
         crate::files::ensure_dir(dir, 0o755, None)?;
         let path = dir.join(format!("{name}.lock"));
         let mut file = File::options()
@@ -45,7 +56,14 @@ impl RunLock {
             .truncate(false)
             .open(&path)
             .with_context(|| format!("can't open {}", path.display()))?;
-        match file.try_lock() {
+        let mut attempt = file.try_lock();
+        if matches!(attempt, Err(TryLockError::WouldBlock)) && !patience.is_zero() {
+            crate::wait::until(patience, std::time::Duration::from_millis(250), || {
+                attempt = file.try_lock();
+                !matches!(attempt, Err(TryLockError::WouldBlock))
+            });
+        }
+        match attempt {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
                 let holder = recorded(&mut file, "pid").map_or("unknown".into(), |p| p.to_string());
@@ -106,14 +124,32 @@ fn recorded(file: &mut File, key: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_patient_run_waits_for_the_lock_to_be_released() {
+        let dir = std::env::temp_dir().join(format!("hapair-wait-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        let first = RunLock::take_in(&dir, "sync", "the sync", Duration::ZERO).unwrap();
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(first);
+        });
+        let second = RunLock::take_in(&dir, "sync", "the sync", Duration::from_secs(10));
+        releaser.join().unwrap();
+        assert!(second.is_ok());
+        drop(second);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
     #[test]
     fn a_second_run_is_refused_and_a_killed_runs_group_is_ended() {
         let dir = std::env::temp_dir().join(format!("hapair-lock-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir(&dir).unwrap();
-        let first = RunLock::take_in(&dir, "copy", "the copy").unwrap();
-        let err = RunLock::take_in(&dir, "copy", "the copy").unwrap_err();
+        let first = RunLock::take_in(&dir, "copy", "the copy", Duration::ZERO).unwrap();
+        let err = RunLock::take_in(&dir, "copy", "the copy", Duration::ZERO).unwrap_err();
         assert!(
             err.to_string()
                 .contains(&format!("pid {}", std::process::id())),
@@ -132,7 +168,7 @@ mod tests {
         assert!(crate::command::group_is_alive(group));
         first.record_group(group).unwrap();
         drop(first);
-        let second = RunLock::take_in(&dir, "copy", "the copy").unwrap();
+        let second = RunLock::take_in(&dir, "copy", "the copy", Duration::ZERO).unwrap();
         assert_eq!(second.ended_orphan, Some(group));
         assert!(!crate::command::group_is_alive(group));
         drop(second);

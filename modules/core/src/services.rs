@@ -71,9 +71,15 @@ impl Unit {
         Ok(out.success())
     }
 
-    /// Where a unit hapair owns is defined.
+    /// Where a unit hapair owns is defined: a name without a suffix is a
+    /// service (`hapair-mirrormaker`), else the suffix says the kind
+    /// (`hapair-files-sync.timer`).
     pub fn file(&self) -> std::path::PathBuf {
-        std::path::Path::new(UNIT_DIR).join(format!("{}.service", self.0))
+        let name = match self.0.contains('.') {
+            true => self.0.clone(),
+            false => format!("{}.service", self.0),
+        };
+        std::path::Path::new(UNIT_DIR).join(name)
     }
 }
 

@@ -131,9 +131,42 @@ pub fn scan_host_key(host: Ipv4Addr, timeout: Duration) -> Result<PublicKey> {
     PublicKey::parse(key)
 }
 
+/// The command that reaches the peer as the cluster account `account`:
+/// ssh run as that account (so its own files are read as it, never by
+/// root), with its own key and its pinned known_hosts only: strict host key
+/// checking, no agent, no prompt. The peer's address and the remote
+/// command follow.
+pub fn peer_transport(account: &crate::account::Account, timeout: Duration) -> Vec<String> {
+    let ssh_dir = account.home.join(".ssh");
+    let option = |name: &str, value: &str| ["-o".to_string(), format!("{name}={value}")];
+    let mut words: Vec<String> = vec![
+        "runuser".into(),
+        "-u".into(),
+        account.name.clone(),
+        "--".into(),
+        "ssh".into(),
+    ];
+    words.extend(option("BatchMode", "yes"));
+    words.extend(option("StrictHostKeyChecking", "yes"));
+    words.extend(option("GlobalKnownHostsFile", "/dev/null"));
+    words.extend(option(
+        "UserKnownHostsFile",
+        &ssh_dir.join("known_hosts").display().to_string(),
+    ));
+    words.extend(option("IdentitiesOnly", "yes"));
+    words.extend(option(
+        "ConnectTimeout",
+        &timeout.as_secs().max(1).to_string(),
+    ));
+    words.extend([
+        "-i".into(),
+        ssh_dir.join("id_ed25519").display().to_string(),
+    ]);
+    words
+}
+
 /// Runs the program and arguments `argv` on `peer` as the cluster account
-/// `account`, with its own key and its pinned known_hosts only: strict host
-/// key checking, no agent, no prompt. ssh hands the remote shell one line:
+/// `account` (see [`peer_transport`]). ssh hands the remote shell one line:
 /// each word is quoted for it here, so no argument can add a command.
 pub fn run_on_peer(
     account: &crate::account::Account,
@@ -141,28 +174,9 @@ pub fn run_on_peer(
     argv: &[&str],
     timeout: Duration,
 ) -> Result<crate::command::Output> {
-    let command = remote_command(argv);
-    let ssh_dir = account.home.join(".ssh");
-    let option = |name: &str, value: &str| ["-o".to_string(), format!("{name}={value}")];
-    let mut args: Vec<String> = vec!["-u".into(), account.name.clone(), "--".into(), "ssh".into()];
-    args.extend(option("BatchMode", "yes"));
-    args.extend(option("StrictHostKeyChecking", "yes"));
-    args.extend(option("GlobalKnownHostsFile", "/dev/null"));
-    args.extend(option(
-        "UserKnownHostsFile",
-        &ssh_dir.join("known_hosts").display().to_string(),
-    ));
-    args.extend(option("IdentitiesOnly", "yes"));
-    args.extend(option(
-        "ConnectTimeout",
-        &timeout.as_secs().max(1).to_string(),
-    ));
-    args.extend([
-        "-i".into(),
-        ssh_dir.join("id_ed25519").display().to_string(),
-    ]);
-    args.extend([peer.to_string(), command]);
-    Command::new("runuser").args(args).output()
+    let mut words = peer_transport(account, timeout);
+    words.extend([peer.to_string(), remote_command(argv)]);
+    Command::new(words.remove(0)).args(words).output()
 }
 
 /// The one line a remote shell runs for `argv`, every word quoted.
