@@ -255,6 +255,16 @@ fn ha_setup(fleet: &Fleet) -> Result<()> {
     }
     let secrets = passwords(fleet)?;
 
+    // Backup V2 on before the set-up on the primary, off on the secondary;
+    // a file of the application's on the primary.
+    primary
+        .run_module(
+            "instance_conf",
+            &json!({"key": "feature_flags.backup_v2", "value": true}),
+        )?
+        .ok()?;
+    primary.sh("mkdir -p /srv/app/conf && echo 'from the primary' > /srv/app/conf/app.ini")?;
+
     // Confirmed, the run sets up both hosts.
     let first = playbook(fleet, "ha_setup.yml", CONFIRM)?.ok()?;
     no_secret_in(&first, &secrets)?;
@@ -314,6 +324,32 @@ fn ha_setup(fleet: &Fleet) -> Result<()> {
         bail!("the secondary's Redis takes writes");
     }
     only_the_pair_gets_in(fleet, &inventory)?;
+    // Files: the application's directory arrived, and the timer keeps
+    // pulling it.
+    ensure_eq!(
+        secondary.sh("cat /srv/app/conf/app.ini")?.trim(),
+        "from the primary"
+    );
+    ensure_eq!(
+        secondary
+            .sh("systemctl is-active hapair-files-sync.timer")?
+            .trim(),
+        "active"
+    );
+    // Backup V2 is as it was on each host: on stays on, off stays off.
+    let backup_v2 = |host: &Host| -> Result<Value> {
+        let config: Value = serde_json::from_str(&host.sh("cat /etc/hapair/instance.json")?)?;
+        Ok(config["feature_flags"]["backup_v2"].clone())
+    };
+    ensure_eq!(backup_v2(primary)?, true);
+    if backup_v2(secondary)? == true {
+        bail!("Backup V2 was turned on on the secondary");
+    }
+    if !first.output.contains("feature_flags.backup_v2 is True on")
+        && !first.output.contains("feature_flags.backup_v2 is true on")
+    {
+        bail!("the play does not report Backup V2:\n{}", first.output);
+    }
 
     let started = |host: &Host| psql(host, "select pg_postmaster_start_time()");
     let start_times = (started(primary)?, started(secondary)?);
