@@ -236,6 +236,31 @@ impl Tools {
             .collect())
     }
 
+    /// Every topic's records at `bootstrap` (the sum of its partitions' end
+    /// offsets), logged in with `login` when given.
+    pub fn all_end_offsets(
+        &self,
+        bootstrap: &str,
+        login: Option<&Login>,
+    ) -> Result<std::collections::BTreeMap<String, u64>> {
+        let offsets = |config: Option<&Path>| {
+            let mut tool = self
+                .tool("kafka-get-offsets.sh")
+                .args(["--bootstrap-server", bootstrap]);
+            if let Some(config) = config {
+                tool = tool.arg("--command-config").arg(config);
+            }
+            tool.run()
+        };
+        let out = match login {
+            Some(login) => {
+                self.with_private_file(&client_config_text(login)?, |f| offsets(Some(f)))?
+            }
+            None => offsets(None)?,
+        };
+        Ok(parse_topic_offsets(&out.stdout))
+    }
+
     /// Whether the pair listener at `bootstrap` lets `login` in: false
     /// when it refuses the credential, an error when it does not answer.
     pub fn logs_in(&self, bootstrap: &str, login: &Login) -> Result<bool> {
@@ -307,6 +332,24 @@ impl Tools {
         }
         Ok(parse_end_offsets(&out.stdout))
     }
+}
+
+/// Each topic's sum of `topic:partition:offset` lines (kafka-get-offsets.sh;
+/// a topic name may hold no `:`, so the last two fields are split off).
+pub fn parse_topic_offsets(text: &str) -> std::collections::BTreeMap<String, u64> {
+    let mut topics = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        let mut fields = line.trim().rsplitn(3, ':');
+        let (Some(offset), Some(_partition), Some(topic)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        if let Ok(offset) = offset.parse::<u64>() {
+            *topics.entry(topic.to_string()).or_insert(0) += offset;
+        }
+    }
+    topics
 }
 
 /// Sums `topic:partition:offset` lines (kafka-get-offsets.sh).
@@ -641,6 +684,14 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn offsets_are_summed_per_topic() {
+        let topics = parse_topic_offsets("a:0:5\na:1:7\nb.c:0:3\nnoise\n");
+        assert_eq!(topics.get("a"), Some(&12));
+        assert_eq!(topics.get("b.c"), Some(&3));
+        assert_eq!(topics.len(), 2);
     }
 
     #[test]

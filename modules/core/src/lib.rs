@@ -25,6 +25,8 @@
 //! - [`postgres`]: the one place that knows PostgreSQL: queries, its
 //!   configuration drop-in, roles and SCRAM verifiers, and the quoting of
 //!   its connection strings and configuration values.
+//! - [`status`]: the pair's replication as this host sees it, one section
+//!   per service, each within a deadline (`/monitor/replication`).
 //! - [`redis`] and [`kafka`]: the same for Redis and Kafka: their files,
 //!   defaults and quoting.
 //!
@@ -49,6 +51,7 @@ pub mod rsync;
 pub mod secret;
 pub mod services;
 pub mod ssh;
+pub mod status;
 pub mod wait;
 
 pub use plan::{Action, Plan};
