@@ -198,9 +198,13 @@ fn sync_files(args: Args, ctx: &mut Context) -> Result<Outcome> {
                         .find(|p| p.directory == directory)
                         .context("a planned directory")?;
                     let (stats, warning) = pull.run()?;
-                    totals.files_transferred += stats.files_transferred;
-                    totals.bytes_transferred += stats.bytes_transferred;
-                    totals.files_deleted += stats.files_deleted;
+                    totals.files_transferred = totals
+                        .files_transferred
+                        .saturating_add(stats.files_transferred);
+                    totals.bytes_transferred = totals
+                        .bytes_transferred
+                        .saturating_add(stats.bytes_transferred);
+                    totals.files_deleted = totals.files_deleted.saturating_add(stats.files_deleted);
                     if let Some(warning) = warning {
                         ctx.warn(warning);
                     }

@@ -346,7 +346,8 @@ pub fn parse_topic_offsets(text: &str) -> std::collections::BTreeMap<String, u64
             continue;
         };
         if let Ok(offset) = offset.parse::<u64>() {
-            *topics.entry(topic.to_string()).or_insert(0) += offset;
+            let sum = topics.entry(topic.to_string()).or_insert(0u64);
+            *sum = sum.saturating_add(offset);
         }
     }
     topics
@@ -356,7 +357,7 @@ pub fn parse_topic_offsets(text: &str) -> std::collections::BTreeMap<String, u64
 pub fn parse_end_offsets(text: &str) -> u64 {
     text.lines()
         .filter_map(|line| line.trim().rsplit(':').next()?.parse::<u64>().ok())
-        .sum()
+        .fold(0, u64::saturating_add)
 }
 
 /// The value the last assignment of `key` gives it, as Kafka reads the
@@ -692,6 +693,10 @@ mod tests {
         assert_eq!(topics.get("a"), Some(&12));
         assert_eq!(topics.get("b.c"), Some(&3));
         assert_eq!(topics.len(), 2);
+        // Found by fuzzing: a sum past u64 saturates, never panics.
+        let huge = format!("t:0:{}\nt:1:{}\n", u64::MAX, u64::MAX);
+        assert_eq!(parse_topic_offsets(&huge).get("t"), Some(&u64::MAX));
+        assert_eq!(parse_end_offsets(&huge), u64::MAX);
     }
 
     #[test]

@@ -1,0 +1,22 @@
+//! What hapair reads from tools' output: rsync's itemized changes and
+//! --stats, Kafka's end offsets, Redis's INFO. Never a panic; deletions are
+//! among the changes; per-topic sums add up to the total.
+#![no_main]
+
+use hapair_core::kafka::{parse_end_offsets, parse_topic_offsets};
+use hapair_core::redis::parse_info;
+use hapair_core::rsync::{parse_itemized, parse_stats};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let preview = parse_itemized(text);
+    assert!(preview.deletions <= preview.changes.len());
+    let _ = parse_stats(text);
+    let _ = parse_info(text);
+    let per_topic: u128 = parse_topic_offsets(text).values().map(|&v| v as u128).sum();
+    let _ = per_topic;
+    let _ = parse_end_offsets(text);
+});
