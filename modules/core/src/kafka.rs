@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::command::Command;
+use crate::command::{Command, Output};
 use crate::files::{self, FilePlan, Owner};
 use crate::secret::Secret;
 use crate::services::Unit;
@@ -209,25 +209,37 @@ impl Tools {
             .arg(self.home.join("bin").join(name))
     }
 
-    /// The topics of the cluster at `bootstrap` (`host:port`), logged in
-    /// with `login` when given: reaching it proves it answers and its
-    /// metadata reads.
-    pub fn topics(&self, bootstrap: &str, login: Option<&Login>) -> Result<Vec<String>> {
-        let list = |config: Option<&Path>| {
-            let mut tool =
-                self.tool("kafka-topics.sh")
-                    .args(["--bootstrap-server", bootstrap, "--list"]);
+    /// Runs the client tool `name` against `bootstrap` with `args`, logged
+    /// in with `login` when given (its settings in a private file, for
+    /// `--command-config`).
+    fn run_client(
+        &self,
+        name: &str,
+        bootstrap: &str,
+        args: &[&str],
+        login: Option<&Login>,
+    ) -> Result<Output> {
+        let run = |config: Option<&Path>| {
+            let mut tool = self
+                .tool(name)
+                .args(["--bootstrap-server", bootstrap])
+                .args(args);
             if let Some(config) = config {
                 tool = tool.arg("--command-config").arg(config);
             }
             tool.run()
         };
-        let out = match login {
-            Some(login) => {
-                self.with_private_file(&client_config_text(login)?, |f| list(Some(f)))?
-            }
-            None => list(None)?,
-        };
+        match login {
+            Some(login) => self.with_private_file(&client_config_text(login)?, |f| run(Some(f))),
+            None => run(None),
+        }
+    }
+
+    /// The topics of the cluster at `bootstrap` (`host:port`), logged in
+    /// with `login` when given: reaching it proves it answers and its
+    /// metadata reads.
+    pub fn topics(&self, bootstrap: &str, login: Option<&Login>) -> Result<Vec<String>> {
+        let out = self.run_client("kafka-topics.sh", bootstrap, &["--list"], login)?;
         Ok(out
             .stdout
             .lines()
@@ -243,21 +255,7 @@ impl Tools {
         bootstrap: &str,
         login: Option<&Login>,
     ) -> Result<std::collections::BTreeMap<String, u64>> {
-        let offsets = |config: Option<&Path>| {
-            let mut tool = self
-                .tool("kafka-get-offsets.sh")
-                .args(["--bootstrap-server", bootstrap]);
-            if let Some(config) = config {
-                tool = tool.arg("--command-config").arg(config);
-            }
-            tool.run()
-        };
-        let out = match login {
-            Some(login) => {
-                self.with_private_file(&client_config_text(login)?, |f| offsets(Some(f)))?
-            }
-            None => offsets(None)?,
-        };
+        let out = self.run_client("kafka-get-offsets.sh", bootstrap, &[], login)?;
         Ok(parse_topic_offsets(&out.stdout))
     }
 
