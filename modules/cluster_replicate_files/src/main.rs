@@ -68,15 +68,41 @@ pub(crate) struct Args {
     instance_config: PathBuf,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(untagged)]
-enum Directory {
-    Path(PathBuf),
-    WithExcludes {
-        path: PathBuf,
-        #[serde(default)]
-        exclude: Vec<String>,
-    },
+/// A directory to pull, with rsync patterns of its own: given as a path,
+/// or as `{path, exclude}`.
+#[derive(Debug, Clone, Serialize)]
+struct Directory {
+    path: PathBuf,
+    exclude: Vec<String>,
+}
+
+impl<'de> Deserialize<'de> for Directory {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Full {
+            path: PathBuf,
+            #[serde(default)]
+            exclude: Vec<String>,
+        }
+        match serde_json::Value::deserialize(deserializer)? {
+            serde_json::Value::String(path) => Ok(Directory {
+                path: path.into(),
+                exclude: Vec::new(),
+            }),
+            object @ serde_json::Value::Object(_) => serde_json::from_value::<Full>(object)
+                .map(|full| Directory {
+                    path: full.path,
+                    exclude: full.exclude,
+                })
+                .map_err(D::Error::custom),
+            other => Err(D::Error::custom(format!(
+                "expected a path, or {{\"path\": ..., \"exclude\": [...]}}, not {}",
+                protocol::excerpt(&other.to_string())
+            ))),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -255,11 +281,8 @@ fn directories(args: &Args, protected: &[PathBuf]) -> Result<Vec<(PathBuf, Vec<S
     }
     let mut found = Vec::new();
     for directory in &args.directories {
-        let (path, own) = match directory {
-            Directory::Path(path) => (path, &[][..]),
-            Directory::WithExcludes { path, exclude } => (path, &exclude[..]),
-        };
-        let path = files::clean_path("directories", path)?;
+        let own = &directory.exclude;
+        let path = files::clean_path("directories", &directory.path)?;
         if path == Path::new("/") {
             bail!("directories: / is the whole host; name the application's directories");
         }
@@ -506,6 +529,26 @@ mod tests {
         assert!(directories(&bad, &protected).is_err());
         let none = args(json!({"primary_address": "10.0.0.1", "directories": []}));
         assert!(directories(&none, &protected).is_err());
+    }
+
+    #[test]
+    fn a_directory_is_a_path_or_a_path_with_patterns_and_nothing_else() {
+        let a = args(json!({"primary_address": "10.0.0.1",
+            "directories": ["/a", {"path": "/b", "exclude": ["/c/"]}, {"path": "/d"}]}));
+        assert_eq!(a.directories[1].exclude, vec!["/c/"]);
+        assert!(a.directories[2].exclude.is_empty());
+        for bad in [
+            json!(5),
+            json!({"pth": "/x"}),
+            json!({"path": "/x", "exclude": "/c/"}),
+        ] {
+            let err = serde_json::from_value::<Args>(
+                json!({"primary_address": "10.0.0.1", "directories": [bad]}),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(!err.contains("untagged"), "{err}");
+        }
     }
 
     #[test]
