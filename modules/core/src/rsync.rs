@@ -119,7 +119,10 @@ impl Pull<'_> {
                 let said = crate::protocol::excerpt(out.stderr.trim());
                 let why = match code {
                     Some(25) => "more deletions than max_delete; the rest were skipped",
-                    Some(23) => "some files could not be transferred (permissions?)",
+                    Some(23) => {
+                        "some files or directories could not be read on the peer (missing, or \
+                         unreadable by the cluster account)"
+                    }
                     Some(255) | Some(12) => {
                         "the peer could not be reached over SSH as the cluster account"
                     }
