@@ -121,11 +121,10 @@ fn cluster_enter_primary_mode(args: Args, ctx: &mut Context) -> Result<Outcome> 
         0o644,
         Some(pg_owner),
     )?;
-    let redis_config = files::clean_path("redis_config", &args.redis_config)?;
-    redis::plan_files(
+    let redis_config = redis::plan_files(
         &mut files,
         SPEC.name,
-        &redis_config,
+        &args.redis_config,
         address,
         &args.redis_password,
         None,

@@ -21,7 +21,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
-use hapair_core::files::{self, FilePlan};
+use hapair_core::files::FilePlan;
 use hapair_core::instance::{self, InstanceConfig};
 use hapair_core::protocol::Seconds;
 use hapair_core::redis::{self, Info, Server};
@@ -71,12 +71,11 @@ fn cluster_kvstore_copy(args: Args, ctx: &mut Context) -> Result<Outcome> {
         Some(a) => instance::parse_ipv4_str("address", a)?,
         None => net::source_address_for(primary)?,
     };
-    let redis_config = files::clean_path("redis_config", &args.redis_config)?;
     let mut files = FilePlan::default();
     redis::plan_files(
         &mut files,
         SPEC.name,
-        &redis_config,
+        &args.redis_config,
         address,
         &args.redis_password,
         Some((primary, args.redis_port)),

@@ -126,9 +126,7 @@ fn default_ssh_timeout() -> Seconds {
 const UNIT: &str = "hapair-files-sync";
 const TIMER_ARGS: &str = "/etc/hapair/files-sync.args.json";
 const INSTALLED: &str = "/usr/local/libexec/hapair/cluster_replicate_files";
-/// Each run's outcome, for the monitor: runtime state in root's directory
-/// (after a reboot the timer's first run writes it again).
-const RECORD: &str = "/run/hapair/files-sync.json";
+const RECORD: &str = rsync::SYNC_RECORD;
 
 fn main() -> ExitCode {
     protocol::run(&SPEC, cluster_replicate_files)
@@ -176,7 +174,7 @@ fn sync_files(args: Args, ctx: &mut Context) -> Result<Outcome> {
             timeout: args.ssh_timeout.duration(),
         })
         .collect();
-    let mut previews = Vec::new();
+    let mut previews = Vec::with_capacity(pulls.len());
     for pull in &pulls {
         let preview = pull.preview()?;
         if preview.deletions > args.max_delete as usize {
@@ -194,9 +192,10 @@ fn sync_files(args: Args, ctx: &mut Context) -> Result<Outcome> {
 
     let timer = TimerPlan::observe(&args)?;
     let mut plan = Plan::new(timer.files);
-    for (pull, preview) in pulls.iter().zip(&previews) {
+    for (index, (pull, preview)) in pulls.iter().zip(&previews).enumerate() {
         if !preview.changes.is_empty() {
             plan.push(Change::Sync {
+                index,
                 directory: pull.directory.to_path_buf(),
                 changes: preview.changes.len(),
                 deletions: preview.deletions,
@@ -218,19 +217,9 @@ fn sync_files(args: Args, ctx: &mut Context) -> Result<Outcome> {
         plan.files.apply()?;
         for change in &plan.actions {
             match change {
-                Change::Sync { directory, .. } => {
-                    let pull = pulls
-                        .iter()
-                        .find(|p| p.directory == directory)
-                        .context("a planned directory")?;
-                    let (stats, warning) = pull.run()?;
-                    totals.files_transferred = totals
-                        .files_transferred
-                        .saturating_add(stats.files_transferred);
-                    totals.bytes_transferred = totals
-                        .bytes_transferred
-                        .saturating_add(stats.bytes_transferred);
-                    totals.files_deleted = totals.files_deleted.saturating_add(stats.files_deleted);
+                Change::Sync { index, .. } => {
+                    let (stats, warning) = pulls[*index].run()?;
+                    totals.add(&stats);
                     if let Some(warning) = warning {
                         ctx.warn(warning);
                     }
@@ -313,6 +302,8 @@ fn directories(args: &Args, protected: &[PathBuf]) -> Result<Vec<(PathBuf, Vec<S
 #[derive(Debug, PartialEq)]
 enum Change {
     Sync {
+        /// Which of the run's pulls.
+        index: usize,
         directory: PathBuf,
         changes: usize,
         deletions: usize,
@@ -329,6 +320,7 @@ impl Action for Change {
                 directory,
                 changes,
                 deletions,
+                ..
             } => format!(
                 "sync {} ({changes} changes, {deletions} of them deletions)",
                 directory.display()

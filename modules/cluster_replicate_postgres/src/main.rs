@@ -249,7 +249,7 @@ fn cluster_replicate_postgres(args: Args, ctx: &mut Context) -> Result<Outcome> 
     }
 
     let mut plan = Plan::new(files);
-    plan.push(Change::Copy {
+    plan.push(Copy {
         primary,
         system: primary_id.clone(),
         replacing: local_id.unwrap_or_else(|| "not running".into()),
@@ -434,7 +434,6 @@ fn already_streaming(
             match change {
                 // Done before: it had to be, to look at the data.
                 Change::PutBack(_) => {}
-                Change::Copy { .. } => bail!("a streaming standby is never copied"),
                 Change::SetMode => set_mode_secondary(&args.instance_config)?,
                 Change::Remove(dir, name) => dir.parent.remove_all(name)?,
             }
@@ -448,15 +447,26 @@ fn already_streaming(
     Ok(outcome.with("slot_name", &standby.slot))
 }
 
+/// The copy: the primary (its system identifier) copied, and this host's
+/// data (its system identifier, or "not running") replaced with it.
+struct Copy {
+    primary: Ipv4Addr,
+    system: String,
+    replacing: String,
+}
+
+impl Action for Copy {
+    fn describe(&self) -> String {
+        format!(
+            "copy the primary {} (system {}) into a new data directory, then replace this \
+             host's data (system {}) with it",
+            self.primary, self.system, self.replacing
+        )
+    }
+}
+
 /// What a run on a streaming standby may still change, besides its files.
 enum Change<'a> {
-    /// Copy the primary (its system identifier) and replace this host's
-    /// data (its system identifier, or "not running") with the copy.
-    Copy {
-        primary: Ipv4Addr,
-        system: String,
-        replacing: String,
-    },
     /// The data a killed run had set aside was put back (before the plan).
     PutBack(PathBuf),
     /// Record `cluster.replication_mode = secondary`.
@@ -468,14 +478,6 @@ enum Change<'a> {
 impl Action for Change<'_> {
     fn describe(&self) -> String {
         match self {
-            Change::Copy {
-                primary,
-                system,
-                replacing,
-            } => format!(
-                "copy the primary {primary} (system {system}) into a new data directory, then \
-                 replace this host's data (system {replacing}) with it"
-            ),
             Change::PutBack(path) => format!(
                 "put back the data a killed run had set aside, at {}",
                 path.display()

@@ -97,7 +97,7 @@ fn default_start_timeout() -> Seconds {
 }
 
 /// The unit hapair owns, and its configuration, in root's directory.
-const UNIT: &str = "hapair-mirrormaker";
+const UNIT: &str = kafka::MIRRORMAKER_UNIT;
 const CONFIG: &str = "/etc/hapair/mirrormaker.properties";
 /// MirrorMaker's names for the two clusters: the heartbeats of `primary`
 /// arrive here as `primary.heartbeats`.

@@ -45,6 +45,9 @@ pub fn default_run_as() -> String {
     "kafka".into()
 }
 
+/// The unit that runs MirrorMaker 2 on the secondary (seed step 10).
+pub const MIRRORMAKER_UNIT: &str = "hapair-mirrormaker";
+
 /// The pair listener's name in `listeners`.
 pub const PAIR_LISTENER: &str = "PAIR";
 /// The one SASL mechanism of the pair listener.

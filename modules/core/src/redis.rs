@@ -139,7 +139,8 @@ pub fn dropin_text(
 /// Plans this host's Redis as one end of the pair: hapair's include file
 /// beside `redis_config` (mode 0640: it holds the password; its diff is
 /// never shown) and the line of `redis_config` that includes it, both
-/// Redis's own. `replica_of` makes it a replica.
+/// Redis's own. `replica_of` makes it a replica. Returns `redis_config`
+/// as checked (for [`needs_restart`]).
 pub fn plan_files(
     files: &mut FilePlan,
     module: &str,
@@ -147,7 +148,8 @@ pub fn plan_files(
     address: Ipv4Addr,
     password: &Secret,
     replica_of: Option<(Ipv4Addr, u16)>,
-) -> Result<()> {
+) -> Result<PathBuf> {
+    let redis_config = &crate::files::clean_path("redis_config", redis_config)?;
     let found = crate::files::existing(redis_config)?;
     let dropin = dropin_path(redis_config);
     files.secret_file(
@@ -162,7 +164,8 @@ pub fn plan_files(
         |text| with_line(text, &include),
         found.config_mode(),
         Some(found.owner),
-    )
+    )?;
+    Ok(redis_config.clone())
 }
 
 /// Whether [`plan_files`] planned a change that Redis reads only when it

@@ -20,6 +20,10 @@ use serde::Serialize;
 use crate::account::Account;
 use crate::command::{Command, Output};
 
+/// Where each file sync records its outcome, for the report: runtime state
+/// in root's directory (after a reboot the timer's first run writes it).
+pub const SYNC_RECORD: &str = "/run/hapair/files-sync.json";
+
 /// One directory pulled from the peer into the same path here.
 #[derive(Debug, Clone)]
 pub struct Pull<'a> {
@@ -47,6 +51,19 @@ pub struct Stats {
     pub files_transferred: u64,
     pub bytes_transferred: u64,
     pub files_deleted: u64,
+}
+
+impl Stats {
+    /// Adds another run's figures (saturating: they are reports).
+    pub fn add(&mut self, other: &Stats) {
+        self.files_transferred = self
+            .files_transferred
+            .saturating_add(other.files_transferred);
+        self.bytes_transferred = self
+            .bytes_transferred
+            .saturating_add(other.bytes_transferred);
+        self.files_deleted = self.files_deleted.saturating_add(other.files_deleted);
+    }
 }
 
 impl Pull<'_> {

@@ -5,7 +5,7 @@
 //! Each section is measured in a thread of its own with a deadline, so a
 //! backend that hangs is reported as timed out, and never stalls the rest.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -26,8 +26,6 @@ pub struct Sources {
     pub kafka_local: String,
     /// The primary's pair listener and the pair's login (on a secondary).
     pub kafka_primary: Option<(String, Login)>,
-    pub mirrormaker_unit: crate::services::Unit,
-    pub files_record: PathBuf,
     pub timeout: Duration,
 }
 
@@ -51,7 +49,7 @@ pub fn report(sources: &Sources) -> Map<String, Value> {
                 "postgres" => postgres(&sources.postgres),
                 "kvstore" => kvstore(&sources.redis),
                 "event_bus" => event_bus(&sources),
-                _ => files(&sources.files_record),
+                _ => files(Path::new(crate::rsync::SYNC_RECORD)),
             };
             let value = measured.unwrap_or_else(|e| unknown(format!("{e:#}")));
             let _ = sender.send((section, value));
@@ -197,10 +195,10 @@ fn event_bus(sources: &Sources) -> Result<Value> {
     let Some((primary, login)) = &sources.kafka_primary else {
         return Ok(unknown("measured on the secondary, where MirrorMaker runs"));
     };
-    if !sources.mirrormaker_unit.is_active()? {
+    let mirrormaker = crate::services::Unit::new(crate::kafka::MIRRORMAKER_UNIT);
+    if !mirrormaker.is_active()? {
         return Ok(unknown(format!(
-            "MirrorMaker ({}) is not running",
-            sources.mirrormaker_unit
+            "MirrorMaker ({mirrormaker}) is not running"
         )));
     }
     let source = sources.kafka.all_end_offsets(primary, Some(login))?;

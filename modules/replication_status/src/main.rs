@@ -17,7 +17,6 @@ use hapair_core::kafka::{self, Login, Tools};
 use hapair_core::postgres::{self, Cluster};
 use hapair_core::protocol::Seconds;
 use hapair_core::redis::{self, Server};
-use hapair_core::services::Unit;
 use hapair_core::status::{self, Sources};
 use hapair_core::{files, net, protocol, Context, Outcome, Secret, Spec};
 use serde::Deserialize;
@@ -68,9 +67,6 @@ fn default_timeout() -> Seconds {
     Seconds::new(10)
 }
 
-/// Where `cluster_replicate_files` records each run.
-const FILES_RECORD: &str = "/run/hapair/files-sync.json";
-
 fn main() -> ExitCode {
     protocol::run(&SPEC, replication_status)
 }
@@ -102,8 +98,6 @@ fn replication_status(args: Args, _ctx: &mut Context) -> Result<Outcome> {
         },
         kafka_local: format!("127.0.0.1:{}", args.kafka_port),
         kafka_primary,
-        mirrormaker_unit: Unit::new("hapair-mirrormaker"),
-        files_record: FILES_RECORD.into(),
         timeout: args.timeout.duration(),
     };
     let report = status::report(&sources);
