@@ -31,7 +31,7 @@ use hapair_core::instance::{self, InstanceConfig};
 use hapair_core::lock::RunLock;
 use hapair_core::protocol::Seconds;
 use hapair_core::rsync::{self, Preview, Pull, Stats};
-use hapair_core::services::{self, Unit};
+use hapair_core::services::{self, InstalledSelf, Presence, Unit};
 use hapair_core::{protocol, Action, Context, Diff, Outcome, Plan, Spec};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -58,7 +58,7 @@ pub(crate) struct Args {
     account: String,
     /// `present`: install the timer; `absent`: remove it; unset: leave it.
     #[serde(default, skip_serializing)]
-    timer: Option<TimerState>,
+    timer: Option<Presence>,
     /// Seconds between the timer's runs.
     #[serde(default = "default_interval")]
     interval: Seconds,
@@ -105,13 +105,6 @@ impl<'de> Deserialize<'de> for Directory {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum TimerState {
-    Present,
-    Absent,
-}
-
 fn default_max_delete() -> u32 {
     50
 }
@@ -125,7 +118,7 @@ fn default_ssh_timeout() -> Seconds {
 /// The timer's units, its options, and where the module installs itself.
 const UNIT: &str = "hapair-files-sync";
 const TIMER_ARGS: &str = "/etc/hapair/files-sync.args.json";
-const INSTALLED: &str = "/usr/local/libexec/hapair/cluster_replicate_files";
+const INSTALLED: InstalledSelf = InstalledSelf("/usr/local/libexec/hapair/cluster_replicate_files");
 const RECORD: &str = rsync::SYNC_RECORD;
 
 fn main() -> ExitCode {
@@ -224,7 +217,7 @@ fn sync_files(args: Args, ctx: &mut Context) -> Result<Outcome> {
                         ctx.warn(warning);
                     }
                 }
-                Change::InstallSelf => install_self()?,
+                Change::InstallSelf => INSTALLED.install()?,
                 Change::EnableTimer => {
                     services::daemon_reload()?;
                     Unit::new(format!("{UNIT}.timer")).enable()?;
@@ -325,7 +318,7 @@ impl Action for Change {
                 "sync {} ({changes} changes, {deletions} of them deletions)",
                 directory.display()
             ),
-            Change::InstallSelf => format!("install this module as {INSTALLED}"),
+            Change::InstallSelf => format!("install this module as {}", INSTALLED.0),
             Change::EnableTimer => format!("enable and start {UNIT}.timer"),
             Change::RemoveTimer => format!("stop and remove {UNIT}.timer"),
         }
@@ -347,11 +340,11 @@ impl TimerPlan {
         let timer = Unit::new(format!("{UNIT}.timer"));
         match args.timer {
             None => {}
-            Some(TimerState::Absent) if files::state(&timer.file())?.is_some() => {
+            Some(Presence::Absent) if files::state(&timer.file())?.is_some() => {
                 plan.actions.push(Change::RemoveTimer);
             }
-            Some(TimerState::Absent) => {}
-            Some(TimerState::Present) => {
+            Some(Presence::Absent) => {}
+            Some(Presence::Present) => {
                 let options = serde_json::to_string_pretty(args)? + "\n";
                 plan.files
                     .file(Path::new(TIMER_ARGS), |_| options, 0o600, None)?;
@@ -360,7 +353,7 @@ impl TimerPlan {
                     .file(&service.file(), |_| service_text(), 0o644, None)?;
                 plan.files
                     .file(&timer.file(), |_| timer_text(args.interval), 0o644, None)?;
-                if !installed_is_self()? {
+                if !INSTALLED.is_current()? {
                     plan.actions.push(Change::InstallSelf);
                 }
                 if !plan.files.changes.is_empty() || !timer.is_active()? || !timer.is_enabled()? {
@@ -381,7 +374,8 @@ fn service_text() -> String {
          \n\
          [Service]\n\
          Type=oneshot\n\
-         ExecStart={INSTALLED} --args-file {TIMER_ARGS}\n"
+         ExecStart={} --args-file {TIMER_ARGS}\n",
+        INSTALLED.0
     )
 }
 
@@ -402,49 +396,12 @@ fn timer_text(interval: Seconds) -> String {
     )
 }
 
-/// Whether the installed copy is this very program.
-fn installed_is_self() -> Result<bool> {
-    let own = std::fs::read("/proc/self/exe").context("can't read this program")?;
-    match std::fs::read(INSTALLED) {
-        Ok(installed) => Ok(installed == own),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(e).with_context(|| format!("can't read {INSTALLED}")),
-    }
-}
-
-/// Copies this program where the timer runs it, in root's directory.
-fn install_self() -> Result<()> {
-    let own = std::fs::read("/proc/self/exe").context("can't read this program")?;
-    let path = Path::new(INSTALLED);
-    let mut missing: Vec<&Path> = path
-        .ancestors()
-        .skip(1)
-        .take_while(|d| !d.exists())
-        .collect();
-    missing.reverse();
-    for dir in missing {
-        files::ensure_dir(dir, 0o755, None)?;
-    }
-    files::write_atomic(path, &own, 0o755, None)
-}
-
 fn remove_timer() -> Result<()> {
-    let timer = Unit::new(format!("{UNIT}.timer"));
-    let _ = timer.stop();
-    let _ = hapair_core::command::Command::new("systemctl")
-        .args(["disable", &timer.to_string()])
-        .output();
-    for path in [
-        timer.file(),
-        Unit::new(format!("{UNIT}.service")).file(),
-        PathBuf::from(TIMER_ARGS),
-    ] {
-        if files::state(&path)?.is_some() {
-            let (dir, name) = files::Dir::of(&path)?;
-            dir.remove_all(&name)?;
-        }
-    }
-    services::daemon_reload()
+    let service = Unit::new(format!("{UNIT}.service")).file();
+    services::remove_unit(
+        &Unit::new(format!("{UNIT}.timer")),
+        &[service, PathBuf::from(TIMER_ARGS)],
+    )
 }
 
 /// The dry run's itemized changes of one directory, as a diff.
@@ -545,9 +502,10 @@ mod tests {
 
     #[test]
     fn the_timer_runs_the_installed_module_on_its_interval() {
-        assert!(
-            service_text().contains(&format!("ExecStart={INSTALLED} --args-file {TIMER_ARGS}\n"))
-        );
+        assert!(service_text().contains(&format!(
+            "ExecStart={} --args-file {TIMER_ARGS}\n",
+            INSTALLED.0
+        )));
         let timer = timer_text(Seconds::new(60));
         assert!(timer.contains("OnUnitActiveSec=60s\n") && timer.contains("OnActiveSec=60s\n"));
         // The timer's own runs leave the timer as it is.

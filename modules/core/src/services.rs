@@ -3,7 +3,7 @@
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 
 use crate::command::Command;
 
@@ -113,4 +113,62 @@ impl std::fmt::Display for Unit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+/// Whether a unit a module manages should be there (`present`) or not
+/// (`absent`); a module's option left unset leaves it as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Presence {
+    Present,
+    Absent,
+}
+
+/// Where a module installs a copy of itself, for a unit of its own to run
+/// (the file sync's timer, the monitor), in root's directory.
+#[derive(Debug, Clone, Copy)]
+pub struct InstalledSelf(pub &'static str);
+
+impl InstalledSelf {
+    /// Whether the installed copy is this very program.
+    pub fn is_current(&self) -> Result<bool> {
+        let own = std::fs::read("/proc/self/exe").context("can't read this program")?;
+        match std::fs::read(self.0) {
+            Ok(installed) => Ok(installed == own),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e).with_context(|| format!("can't read {}", self.0)),
+        }
+    }
+
+    /// Copies this program there, making the directories it needs.
+    pub fn install(&self) -> Result<()> {
+        let own = std::fs::read("/proc/self/exe").context("can't read this program")?;
+        let path = std::path::Path::new(self.0);
+        let mut missing: Vec<&std::path::Path> = path
+            .ancestors()
+            .skip(1)
+            .take_while(|d| !d.exists())
+            .collect();
+        missing.reverse();
+        for dir in missing {
+            crate::files::ensure_dir(dir, 0o755, None)?;
+        }
+        crate::files::write_atomic(path, &own, 0o755, None)
+    }
+}
+
+/// Stops and disables `unit`, then removes its file and the others given
+/// (the units it runs, its options), and has systemd forget them.
+pub fn remove_unit(unit: &Unit, others: &[std::path::PathBuf]) -> Result<()> {
+    let _ = unit.stop();
+    let _ = Command::new("systemctl")
+        .args(["disable", "--quiet", &unit.0])
+        .output();
+    for path in std::iter::once(unit.file()).chain(others.iter().cloned()) {
+        if crate::files::state(&path)?.is_some() {
+            let (dir, name) = crate::files::Dir::of(&path)?;
+            dir.remove_all(&name)?;
+        }
+    }
+    daemon_reload()
 }
