@@ -68,9 +68,10 @@ test-unit: ## Unit tests of the core and the modules (no hosts)
 test-fleet: venv stage image ## Module and end-to-end tests on fleet hosts
 	cargo test -p hapair-tests --tests
 
-bench: stage image ## Steps 8 to 10: copy against tar, Redis's 1 GiB sync, MirrorMaker's catch-up
+bench: stage image ## Step 8's copy against tar, Redis's 1 GiB sync, MirrorMaker's catch-up, the monitor's latency
 	cargo bench -p hapair-tests --bench bench_copy
 	cargo bench -p hapair-tests --bench bench_sync
+	cargo bench -p hapair-tests --bench bench_monitor
 
 FUZZ_SECONDS ?= 120
 fuzz: ## Fuzz every parser and config editor, FUZZ_SECONDS each (cargo fuzz, nightly)

@@ -489,3 +489,52 @@ macro_rules! ensure_eq {
         }
     };
 }
+
+/// An HTTP answer: its status and body.
+#[derive(Debug)]
+pub struct HttpAnswer {
+    pub status: u16,
+    pub content_type: String,
+    pub body: String,
+}
+
+/// `GET path` from `address` (`198.18.0.11:8080`, or loopback), over
+/// HTTP/1.0: enough for the monitor and Prometheus, with no client crate.
+pub fn http_get(address: &str, path: &str) -> Result<HttpAnswer> {
+    use std::io::{Read, Write};
+    let timeout = Duration::from_secs(10);
+    let socket: std::net::SocketAddr = address.parse()?;
+    let mut stream = std::net::TcpStream::connect_timeout(&socket, timeout)
+        .with_context(|| format!("can't connect to {address}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut answer = Vec::new();
+    stream
+        .read_to_end(&mut answer)
+        .with_context(|| format!("no answer from {address}{path}"))?;
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("{address}{path} answered {answer:?}"))?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("{address}{path} answered {head:?}"))?;
+    let content_type = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-type")
+                .then(|| value.trim().to_string())
+        })
+        .unwrap_or_default();
+    Ok(HttpAnswer {
+        status,
+        content_type,
+        body: body.to_string(),
+    })
+}

@@ -138,3 +138,81 @@ pub fn ready_for_step8(primary: &Host, secondary: &Host) -> Result<()> {
     add_secondary(primary, secondary)?.ok()?;
     Ok(())
 }
+
+/// All four replicating: PostgreSQL streams, Redis is a replica,
+/// MirrorMaker runs (refreshing its topics every 5 s), and the files of
+/// /srv/app were synced once.
+pub fn all_replicating(primary: &Host, secondary: &Host) -> Result<()> {
+    streaming(primary, secondary)?;
+    set_protected(secondary, false)?;
+    secondary
+        .run_module(
+            "cluster_kvstore_copy",
+            &json!({"primary_address": primary.ip, "redis_password": REDIS_PASSWORD}),
+        )?
+        .ok()?;
+    secondary
+        .run_module(
+            "cluster_start_kafka_sync",
+            &json!({"primary_address": primary.ip, "kafka_password": KAFKA_PASSWORD,
+                    "refresh_interval": 5}),
+        )?
+        .ok()?;
+    primary.sh("mkdir -p /srv/app && echo x > /srv/app/x")?;
+    secondary
+        .run_module(
+            "cluster_replicate_files",
+            &json!({"primary_address": primary.ip, "directories": ["/srv/app"]}),
+        )?
+        .ok()?;
+    Ok(())
+}
+
+/// The monitor's port on the test hosts.
+pub const MONITOR_PORT: u16 = 8080;
+
+/// Installs hapair-monitor on `host`, listening on its pair address too,
+/// measuring every second (the event bus every 10 s), so tests see a
+/// change within seconds; `extra` options are added.
+pub fn install_monitor(host: &Host, extra: Value) -> Result<ModuleRun> {
+    let mut args = json!({
+        "redis_password": REDIS_PASSWORD,
+        "kafka_password": KAFKA_PASSWORD,
+        "monitor": "present",
+        "monitor_address": host.ip,
+        "interval": 1,
+        "event_bus_interval": 10,
+        "timeout": 3,
+        "_ansible_diff": true,
+    });
+    if let (Some(args), Some(extra)) = (args.as_object_mut(), extra.as_object()) {
+        args.extend(extra.clone());
+    }
+    host.run_module("replication_status", &args)?.ok()
+}
+
+/// `host`'s monitor's report, from the control node.
+pub fn monitor_report(host: &Host) -> Result<Value> {
+    let answer = crate::http_get(
+        &format!("{}:{MONITOR_PORT}", host.ip),
+        "/monitor/replication",
+    )?;
+    anyhow::ensure!(
+        answer.status == 200,
+        "the monitor answered {}: {}",
+        answer.status,
+        answer.body
+    );
+    Ok(serde_json::from_str(&answer.body)?)
+}
+
+/// The bytes of WAL the primary has written that its standby has not
+/// replayed, from `pg_stat_replication` directly.
+pub fn replay_lag_bytes(primary: &Host) -> Result<i64> {
+    Ok(sql(
+        primary,
+        "select pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint \
+         from pg_stat_replication",
+    )?
+    .parse()?)
+}

@@ -25,6 +25,8 @@
 //! - [`postgres`]: the one place that knows PostgreSQL: queries, its
 //!   configuration drop-in, roles and SCRAM verifiers, and the quoting of
 //!   its connection strings and configuration values.
+//! - [`monitor`]: the `hapair-monitor` daemon: the report over HTTP, with
+//!   health gates, Prometheus metrics and a status page.
 //! - [`status`]: the pair's replication as this host sees it, one section
 //!   per service, each within a deadline (`/monitor/replication`).
 //! - [`redis`] and [`kafka`]: the same for Redis and Kafka: their files,
@@ -42,6 +44,7 @@ pub mod files;
 pub mod instance;
 pub mod kafka;
 pub mod lock;
+pub mod monitor;
 pub mod net;
 pub mod plan;
 pub mod postgres;

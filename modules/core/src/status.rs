@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, Result};
 use serde_json::{json, Map, Value};
 
+use crate::instance::{InstanceConfig, ReplicationMode};
 use crate::kafka::{Login, Tools};
 use crate::postgres::Cluster;
 use crate::redis::Server;
@@ -24,8 +25,14 @@ pub struct Sources {
     /// This host's Kafka tools and loopback bootstrap; MirrorMaker's unit.
     pub kafka: Tools,
     pub kafka_local: String,
-    /// The primary's pair listener and the pair's login (on a secondary).
-    pub kafka_primary: Option<(String, Login)>,
+    /// The other host's pair listener and the pair's login.
+    pub kafka_peer: Option<(String, Login)>,
+    /// The instance config, read at each measure of the event bus: its
+    /// role says which way the records flow.
+    pub instance_config: std::path::PathBuf,
+    /// The other host's monitor: a primary reads there what only the
+    /// secondary knows (its last file sync, whether MirrorMaker runs).
+    pub peer_monitor: Option<std::net::SocketAddr>,
     pub timeout: Duration,
 }
 
@@ -45,14 +52,7 @@ pub fn report(sources: &Sources) -> Map<String, Value> {
         let sources = sources.clone();
         let sender = sender.clone();
         std::thread::spawn(move || {
-            let measured = match section {
-                "postgres" => postgres(&sources.postgres),
-                "kvstore" => kvstore(&sources.redis),
-                "event_bus" => event_bus(&sources),
-                _ => files(Path::new(crate::rsync::SYNC_RECORD)),
-            };
-            let value = measured.unwrap_or_else(|e| unknown(format!("{e:#}")));
-            let _ = sender.send((section, value));
+            let _ = sender.send((section, measure(section, &sources)));
         });
     }
     drop(sender);
@@ -68,21 +68,104 @@ pub fn report(sources: &Sources) -> Map<String, Value> {
         }
     }
     for section in SECTIONS {
-        report.entry(section).or_insert_with(|| {
-            unknown(format!(
-                "no answer within {} s: the service hangs",
-                sources.timeout.as_secs_f64()
-            ))
-        });
+        report
+            .entry(section)
+            .or_insert_with(|| hung(sources.timeout));
     }
     report
 }
 
-/// Whether every section was measured.
+/// `section` with the role the service answered with: unknown
+/// replication, but a service that is up.
+fn with_role(mut section: Value, role: &str) -> Value {
+    section["role"] = role.into();
+    section
+}
+
+/// One section, measured now (as long as its service takes).
+pub fn measure(section: &str, sources: &Sources) -> Value {
+    let measured = match section {
+        "postgres" => postgres(&sources.postgres),
+        "kvstore" => kvstore(&sources.redis),
+        "event_bus" => event_bus(sources),
+        _ => files(sources),
+    };
+    measured.unwrap_or_else(|e| unknown(format!("{e:#}")))
+}
+
+/// A section the monitor has not measured yet (it has just started):
+/// `pending`, so that the other host waits rather than relays it.
+pub fn not_yet_measured() -> Value {
+    let mut value = unknown("not measured yet: the monitor has just started");
+    value["pending"] = true.into();
+    value
+}
+
+/// A section whose service did not answer in time.
+pub fn hung(timeout: Duration) -> Value {
+    unknown(format!(
+        "no answer within {} s: the service hangs",
+        timeout.as_secs_f64()
+    ))
+}
+
+/// The figure a person watches for a section, as plotted on the status
+/// page: how far behind this host's side of the replication is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Lag {
+    pub value: f64,
+    pub unit: &'static str,
+}
+
+/// A measured section's lag: PostgreSQL's bytes (the standby furthest
+/// behind, or this standby's unreplayed WAL), Redis's offset bytes (the
+/// replica furthest behind; on a replica, seconds since its primary last
+/// spoke), the event bus's records not yet mirrored, the files' seconds
+/// since the last sync.
+pub fn lag(section: &str, value: &Value) -> Option<Lag> {
+    let number = |v: &Value| v.as_f64();
+    let most = |list: &Value, key: &str| {
+        list.as_array()?
+            .iter()
+            .filter_map(|item| number(&item[key]))
+            .reduce(f64::max)
+    };
+    let bytes = |value| Lag {
+        value,
+        unit: "bytes",
+    };
+    if value["status"] == "unknown" {
+        return None;
+    }
+    match (section, value["role"].as_str()) {
+        ("postgres", Some("primary")) => most(&value["standbys"], "lag_bytes").map(bytes),
+        ("postgres", _) => number(&value["receiver"]["lag_bytes"]).map(bytes),
+        ("kvstore", Some("primary")) => most(&value["replicas"], "lag_bytes").map(bytes),
+        ("kvstore", _) => number(&value["last_io_seconds_ago"]).map(|value| Lag {
+            value,
+            unit: "seconds",
+        }),
+        ("event_bus", _) => {
+            let topics = value["topics"].as_object()?;
+            let behind = topics.values().filter_map(|t| number(&t["behind"])).sum();
+            Some(Lag {
+                value: behind,
+                unit: "records",
+            })
+        }
+        _ => number(&value["age_seconds"]).map(|value| Lag {
+            value,
+            unit: "seconds",
+        }),
+    }
+}
+
+/// Whether every section was measured and is `ok`: not unknown, no
+/// standby missing, no link down, no failed sync.
 pub fn healthy(report: &Map<String, Value>) -> bool {
     SECTIONS
         .iter()
-        .all(|s| report.get(*s).is_some_and(|v| v["status"] != "unknown"))
+        .all(|s| report.get(*s).is_some_and(|v| v["status"] == "ok"))
 }
 
 fn query_json(cluster: &Cluster, sql: &str) -> Result<Value> {
@@ -114,8 +197,9 @@ fn postgres(cluster: &Cluster) -> Result<Value> {
         )?;
         let count = standbys.as_array().map_or(0, Vec::len);
         if count == 0 && slots.as_array().is_none_or(Vec::is_empty) {
-            return Ok(unknown(
-                "no standby and no replication slot: replication is not set up",
+            return Ok(with_role(
+                unknown("no standby and no replication slot: replication is not set up"),
+                "primary",
             ));
         }
         let status = if count == 0 {
@@ -138,8 +222,9 @@ fn postgres(cluster: &Cluster) -> Result<Value> {
          FROM pg_stat_wal_receiver) r), 'null')",
     )?;
     if receiver.is_null() {
-        return Ok(unknown(
-            "a standby with no WAL receiver: it does not stream from the primary",
+        return Ok(with_role(
+            unknown("a standby with no WAL receiver: it does not stream from the primary"),
+            "standby",
         ));
     }
     Ok(json!({"status": "ok", "role": "standby", "receiver": receiver}))
@@ -168,7 +253,10 @@ fn kvstore(server: &Server) -> Result<Value> {
                 })
                 .collect();
             if replicas.is_empty() {
-                return Ok(unknown("no replica is connected to this Redis"));
+                return Ok(with_role(
+                    unknown("no replica is connected to this Redis"),
+                    "primary",
+                ));
             }
             Ok(json!({"status": "ok", "role": "primary", "offset": offset, "replicas": replicas}))
         }
@@ -187,22 +275,54 @@ fn kvstore(server: &Server) -> Result<Value> {
     }
 }
 
-/// MirrorMaker on this host (a secondary): whether it runs, and per topic
-/// the records on the primary not yet here, from both clusters' end
-/// offsets. That figure is approximate: mirrored records keep their order
-/// but not their offsets.
+/// The event bus: per topic, the records on the primary's Kafka not yet on
+/// the secondary's, from both clusters' end offsets, read here and through
+/// the other host's pair listener; on the secondary, whether MirrorMaker
+/// runs. The figure is approximate: mirrored records keep their order but
+/// not their offsets.
 fn event_bus(sources: &Sources) -> Result<Value> {
-    let Some((primary, login)) = &sources.kafka_primary else {
-        return Ok(unknown("measured on the secondary, where MirrorMaker runs"));
+    let role = InstanceConfig::load(&sources.instance_config)?.replication_mode();
+    let Some((peer, login)) = &sources.kafka_peer else {
+        return Ok(unknown(
+            "the other host's end offsets need the pair's Kafka login (kafka_password)",
+        ));
     };
-    let mirrormaker = crate::services::Unit::new(crate::kafka::MIRRORMAKER_UNIT);
-    if !mirrormaker.is_active()? {
-        return Ok(unknown(format!(
-            "MirrorMaker ({mirrormaker}) is not running"
-        )));
-    }
-    let source = sources.kafka.all_end_offsets(primary, Some(login))?;
-    let target = sources.kafka.all_end_offsets(&sources.kafka_local, None)?;
+    let mut mirrormaker = "running".to_string();
+    let (primary, secondary) = match role {
+        ReplicationMode::Standalone => {
+            return Ok(unknown("this host is standalone: it mirrors nothing"));
+        }
+        ReplicationMode::Primary => {
+            match peer_section(sources, "event_bus") {
+                Ok(seen) if seen["pending"] == true => {
+                    mirrormaker = "not known yet: the secondary's monitor has just started".into();
+                }
+                Ok(seen) if seen["status"] == "unknown" => {
+                    return Ok(unknown(format!(
+                        "on the secondary: {}",
+                        seen["reason"].as_str().unwrap_or("unknown")
+                    )));
+                }
+                Ok(_) => {}
+                Err(e) => mirrormaker = format!("not known: {e:#}"),
+            }
+            (sources.kafka_local.as_str(), peer.as_str())
+        }
+        ReplicationMode::Secondary => {
+            let mirrormaker = crate::services::Unit::new(crate::kafka::MIRRORMAKER_UNIT);
+            if !mirrormaker.is_active()? {
+                return Ok(unknown(format!(
+                    "MirrorMaker ({mirrormaker}) is not running"
+                )));
+            }
+            (peer.as_str(), sources.kafka_local.as_str())
+        }
+    };
+    let login_for = |bootstrap: &str| (bootstrap == peer).then_some(login);
+    let source = sources.kafka.all_end_offsets(primary, login_for(primary))?;
+    let target = sources
+        .kafka
+        .all_end_offsets(secondary, login_for(secondary))?;
     let mut topics = Map::new();
     for (topic, end) in &source {
         if topic.starts_with("__") || topic.starts_with("mm2-") || topic.ends_with(".internal") {
@@ -214,11 +334,27 @@ fn event_bus(sources: &Sources) -> Result<Value> {
             json!({"primary_end": end, "secondary_end": here, "behind": end.saturating_sub(here)}),
         );
     }
-    Ok(json!({"status": "ok", "mirrormaker": "running", "topics": topics}))
+    Ok(json!({"status": "ok", "role": role.as_str(), "mirrormaker": mirrormaker, "topics": topics}))
 }
 
-/// The last file sync's record (`cluster_replicate_files`).
-fn files(record: &Path) -> Result<Value> {
+/// The last file sync's record (`cluster_replicate_files`), on the
+/// secondary; a primary shows the secondary's.
+fn files(sources: &Sources) -> Result<Value> {
+    if let Some(address) = sources.peer_monitor {
+        if InstanceConfig::load(&sources.instance_config)?.replication_mode()
+            == ReplicationMode::Primary
+        {
+            let seen = peer_section(sources, "files").unwrap_or_else(|e| unknown(format!("{e:#}")));
+            return Ok(match seen {
+                Value::Object(mut seen) => {
+                    seen.insert("measured_by".into(), json!(address.to_string()));
+                    Value::Object(seen)
+                }
+                other => other,
+            });
+        }
+    }
+    let record = Path::new(crate::rsync::SYNC_RECORD);
     let Some(text) = crate::files::read_optional(record)? else {
         return Ok(unknown(
             "no file sync recorded on this host since it started (the secondary's timer runs it)",
@@ -236,12 +372,22 @@ fn files(record: &Path) -> Result<Value> {
               "msg": recorded["msg"]}))
 }
 
+/// One section of the other host's report, from its monitor.
+fn peer_section(sources: &Sources, section: &str) -> Result<Value> {
+    let address = sources
+        .peer_monitor
+        .context("the other host's monitor is not known (monitor_port)")?;
+    let report = crate::monitor::fetch_report(address, sources.timeout)
+        .with_context(|| format!("the other host's monitor at {address} does not answer"))?;
+    Ok(report[section].clone())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn a_report_is_healthy_only_when_every_section_was_measured() {
+    fn a_report_is_healthy_only_when_every_section_is_ok() {
         let mut report = Map::new();
         for section in SECTIONS {
             report.insert(section.into(), json!({"status": "ok"}));
@@ -251,5 +397,20 @@ mod tests {
         assert!(!healthy(&report));
         report.remove("files");
         assert!(!healthy(&report));
+        report.insert("files".into(), json!({"status": "ok"}));
+        report.insert("kvstore".into(), json!({"status": "link down"}));
+        assert!(!healthy(&report));
+    }
+
+    #[test]
+    fn the_plotted_lag_is_the_furthest_behind() {
+        let primary = json!({"status": "ok", "role": "primary",
+            "standbys": [{"lag_bytes": 10}, {"lag_bytes": 4096}]});
+        assert_eq!(lag("postgres", &primary).unwrap().value, 4096.0);
+        let bus = json!({"status": "ok", "topics": {"a": {"behind": 3}, "b": {"behind": 4}}});
+        assert_eq!(lag("event_bus", &bus).unwrap().value, 7.0);
+        assert_eq!(lag("files", &unknown("never synced")), None);
+        let replica = json!({"status": "ok", "role": "replica", "last_io_seconds_ago": 1});
+        assert_eq!(lag("kvstore", &replica).unwrap().unit, "seconds");
     }
 }
