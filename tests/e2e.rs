@@ -6,7 +6,7 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
-use hapair_tests::pair::{kafka_login_file, KAFKA_PAIR_PORT};
+use hapair_tests::pair::{kafka_login_file, monitor_report, KAFKA_PAIR_PORT};
 use hapair_tests::{
     ensure_eq, module_binary, module_names, repo_root, suite, wait_for, Fleet, Host, Test,
 };
@@ -336,6 +336,29 @@ fn ha_setup(fleet: &Fleet) -> Result<()> {
             .trim(),
         "active"
     );
+    // The monitor runs on both hosts; the verification asserted the
+    // primary's report healthy, and so does the control node, over the
+    // pair's network.
+    for host in [primary, secondary] {
+        ensure_eq!(
+            host.sh("systemctl is-active hapair-monitor")?.trim(),
+            "active"
+        );
+    }
+    let report = monitor_report(primary)?;
+    if report["healthy"] != true {
+        bail!("the primary's monitor says the pair is not healthy: {report}");
+    }
+    if !first
+        .output
+        .contains("Healthy: postgres, kvstore, event_bus, files ok")
+    {
+        bail!(
+            "the verification does not report the pair healthy:\n{}",
+            first.output
+        );
+    }
+
     // Backup V2 is as it was on each host: on stays on, off stays off.
     let backup_v2 = |host: &Host| -> Result<Value> {
         let config: Value = serde_json::from_str(&host.sh("cat /etc/hapair/instance.json")?)?;

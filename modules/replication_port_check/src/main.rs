@@ -64,8 +64,7 @@ fn default_ports() -> Vec<Port> {
         port("redis", 6379, true),
         // Kafka's pair listener (SASL SCRAM); 9092 stays on loopback.
         port("kafka", 9094, true),
-        // Not required until hapair's monitor daemon is built.
-        port("monitor", 8080, false),
+        port("monitor", 8080, true),
     ]
 }
 fn default_timeout() -> f64 {
@@ -253,19 +252,26 @@ mod tests {
                 None => rest.split([',', '}']).next().unwrap().trim().to_string(),
             }
         };
-        let pair_port = text
-            .lines()
-            .find_map(|l| l.strip_prefix("hapair_kafka_pair_port: "))
-            .unwrap()
-            .trim()
-            .to_string();
+        let variable = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+                .unwrap()
+                .trim()
+                .to_string()
+        };
+        let (pair_port, monitor_port) = (
+            variable("hapair_kafka_pair_port"),
+            variable("hapair_monitor_port"),
+        );
         let listed: Vec<(String, String, String)> = text
             .lines()
             .skip_while(|l| !l.starts_with("hapair_required_ports:"))
             .skip(1)
             .take_while(|l| l.trim_start().starts_with("- {"))
             .map(|l| {
-                let port = value(l, "port").replace("{{ hapair_kafka_pair_port }}", &pair_port);
+                let port = value(l, "port")
+                    .replace("{{ hapair_kafka_pair_port }}", &pair_port)
+                    .replace("{{ hapair_monitor_port }}", &monitor_port);
                 (value(l, "service"), port, value(l, "required"))
             })
             .collect();
