@@ -36,6 +36,10 @@ const TESTS: &[Test] = &[
         "files_the_timer_brings_a_new_file_within_its_interval",
         timer,
     ),
+    (
+        "files_by_hand_on_a_terminal_the_sync_shows_its_progress",
+        progress_on_a_terminal,
+    ),
 ];
 
 fn main() -> ExitCode {
@@ -280,6 +284,46 @@ fn timer(fleet: &Fleet) -> Result<()> {
             .ok()?
             .changed(),
         false
+    );
+    Ok(())
+}
+
+/// Run by hand on a terminal (`script` gives it one), the module shows
+/// rsync's progress and the files it pulls as they come, then its summary;
+/// the files arrive as from Ansible.
+fn progress_on_a_terminal(fleet: &Fleet) -> Result<()> {
+    let (primary, secondary) = (fleet.host("primary"), fleet.host("secondary"));
+    ready(fleet)?;
+    primary.sh(&format!(
+        "mkdir -p {DIR}/by-hand && head -c 8M /dev/urandom > {DIR}/by-hand/big && \
+         echo small > {DIR}/by-hand/small"
+    ))?;
+    secondary.write(
+        "/tmp/by-hand.json",
+        &json!({"primary_address": primary.ip, "directories": [DIR]}).to_string(),
+    )?;
+    let shown = secondary.sh(
+        "script -qec '/usr/local/lib/hapair-test/cluster_replicate_files /tmp/by-hand.json' \
+         /dev/null",
+    )?;
+    for expected in [
+        "to-chk=",
+        "by-hand/big",
+        &format!("pulling {DIR} from {}", primary.ip),
+    ] {
+        if !shown.contains(expected) {
+            bail!("the terminal does not show {expected:?}:\n{shown}");
+        }
+    }
+    ensure_eq!(
+        secondary.sh(&format!("cat {DIR}/by-hand/small"))?.trim(),
+        "small"
+    );
+    ensure_eq!(
+        secondary
+            .sh(&format!("stat -c %s {DIR}/by-hand/big"))?
+            .trim(),
+        "8388608"
     );
     Ok(())
 }

@@ -211,7 +211,7 @@ fn sync_files(args: Args, ctx: &mut Context) -> Result<Outcome> {
         for change in &plan.actions {
             match change {
                 Change::Sync { index, .. } => {
-                    let (stats, warning) = pulls[*index].run()?;
+                    let (stats, warning) = pulls[*index].run(ctx.interactive)?;
                     totals.add(&stats);
                     if let Some(warning) = warning {
                         ctx.warn(warning);

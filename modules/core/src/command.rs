@@ -119,6 +119,58 @@ impl Command {
         })
     }
 
+    /// Like [`Command::output`], and what the program prints on stdout is
+    /// also copied to `echo` as it comes (rsync's progress, for a person at
+    /// a terminal). Still captured whole, for the caller to read.
+    pub fn output_echoing(&self, echo: &mut dyn std::io::Write) -> Result<Output> {
+        use std::io::Read;
+        let program = resolve(&self.program)?;
+        let mut command = std::process::Command::new(program);
+        command
+            .args(&self.args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        for (name, value) in &self.env {
+            command.env(name, value);
+        }
+        for (name, value) in &self.secret_env {
+            command.env(name, value.expose());
+        }
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("can't run `{}`", self.display()))?;
+        let stderr = child.stderr.take().map(|mut pipe| {
+            std::thread::spawn(move || {
+                let mut text = Vec::new();
+                let _ = pipe.read_to_end(&mut text);
+                String::from_utf8_lossy(&text).into_owned()
+            })
+        });
+        let mut stdout = Vec::new();
+        if let Some(mut pipe) = child.stdout.take() {
+            let mut chunk = [0u8; 8192];
+            loop {
+                match pipe.read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        stdout.extend_from_slice(&chunk[..n]);
+                        // A person who stops watching must not stop the program.
+                        let _ = echo.write_all(&chunk[..n]).and_then(|_| echo.flush());
+                    }
+                }
+            }
+        }
+        let status = child
+            .wait()
+            .with_context(|| format!("can't wait for `{}`", self.display()))?;
+        Ok(Output {
+            code: status.code(),
+            stdout: String::from_utf8_lossy(&stdout).into_owned(),
+            stderr: stderr.and_then(|t| t.join().ok()).unwrap_or_default(),
+        })
+    }
+
     /// Runs the program in a process group of its own and fails unless it
     /// exits 0. `started` gets the group's id as soon as it runs (to be
     /// recorded: a later run can then end what a killed one left).
@@ -336,6 +388,19 @@ mod tests {
             err.to_string(),
             "`sh -c 'echo no >&2; exit 4'` exited with 4: no"
         );
+    }
+
+    #[test]
+    fn echoed_output_is_shown_and_still_captured() {
+        let mut shown = Vec::new();
+        let out = Command::new("sh")
+            .args(["-c", "printf 'a\\rb\\n'; echo said >&2; exit 3"])
+            .output_echoing(&mut shown)
+            .unwrap();
+        assert_eq!(shown, b"a\rb\n");
+        assert_eq!(out.stdout, "a\rb\n");
+        assert_eq!(out.stderr.trim(), "said");
+        assert_eq!(out.code, Some(3));
     }
 
     #[test]

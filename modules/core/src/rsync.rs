@@ -115,9 +115,20 @@ impl Pull<'_> {
     }
 
     /// The run. A `max_delete` exceeded fails it (rsync stops deleting
-    /// there): callers preview first, and refuse before any change.
-    pub fn run(&self) -> Result<(Stats, Option<String>)> {
-        let out = self.command(false)?.output()?;
+    /// there): callers preview first, and refuse before any change. With
+    /// `progress`, for a person at a terminal, rsync's whole-transfer
+    /// progress and its itemized changes are shown on stderr as they come.
+    pub fn run(&self, progress: bool) -> Result<(Stats, Option<String>)> {
+        let command = self.command(false)?;
+        let out = match progress {
+            true => {
+                eprintln!("pulling {} from {}:", self.directory.display(), self.peer);
+                command
+                    .arg("--info=progress2")
+                    .output_echoing(&mut std::io::stderr())?
+            }
+            false => command.output()?,
+        };
         let warning = self.check(&out)?;
         Ok((parse_stats(&out.stdout), warning))
     }
