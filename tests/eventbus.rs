@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use hapair_tests::pair::{primary_mode, set_protected, KAFKA_PASSWORD, REDIS_PASSWORD};
+use hapair_tests::pair::{primary_mode, produce, set_protected, KAFKA_PASSWORD, REDIS_PASSWORD};
 use hapair_tests::{ensure_eq, suite, wait_for, Fleet, Host, ModuleRun, Test};
 use serde_json::{json, Value};
 
@@ -53,20 +53,6 @@ fn ready(fleet: &Fleet) -> Result<()> {
     primary_mode(primary)?;
     set_protected(secondary, false)?;
     sync(secondary, primary)?.ok()?;
-    Ok(())
-}
-
-/// Produces `count` numbered messages to `topic` (created with
-/// `partitions`), keyed so that they spread over the partitions, acks=all.
-fn produce(host: &Host, topic: &str, partitions: u32, from: u32, count: u32) -> Result<()> {
-    host.sh(&format!(
-        "{KAFKA}/kafka-topics.sh --bootstrap-server 127.0.0.1:9092 --create --if-not-exists \
-         --topic {topic} --partitions {partitions} >/dev/null && \
-         seq {from} {} | awk '{{print \"k\" $1 % 7 \":\" $1}}' | \
-         {KAFKA}/kafka-console-producer.sh --bootstrap-server 127.0.0.1:9092 --topic {topic} \
-         --property parse.key=true --property key.separator=: --producer-property acks=all",
-        from + count - 1
-    ))?;
     Ok(())
 }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _, Result};
 use hapair_tests::pair::{
-    all_replicating, install_monitor, monitor_report, replay_lag_bytes, sql, streaming,
+    all_replicating, install_monitor, monitor_report, produce, replay_lag_bytes, sql, streaming,
     KAFKA_PASSWORD, MONITOR_PORT, REDIS_PASSWORD,
 };
 use hapair_tests::{ensure_eq, http_get, repo_root, suite, wait_for, Fleet, Host, Test};
@@ -211,6 +211,24 @@ fn replicating(fleet: &Fleet) -> Result<()> {
         bail!("no numeric standby lag: {}", on_secondary["postgres"]);
     }
     ensure_eq!(on_secondary["event_bus"]["mirrormaker"], "running");
+
+    // The bus's figure is exact: 300 records produced on the primary are
+    // counted, and once mirrored none is behind, on either monitor.
+    produce(primary, "monitored", 3, 1, 300)?;
+    let mirrored = json!({"primary_end": 300, "behind": 0});
+    report_where(
+        secondary,
+        "300 records mirrored and counted",
+        Duration::from_secs(120),
+        |r| r["event_bus"]["topics"]["monitored"] == mirrored,
+    )?;
+    let relayed = report_where(
+        primary,
+        "the secondary's figure relayed",
+        Duration::from_secs(60),
+        |r| r["event_bus"]["topics"]["monitored"] == mirrored,
+    )?;
+    ensure_eq!(relayed["event_bus"]["exact"], true);
 
     // The gates, as a load balancer asks them.
     let gate =

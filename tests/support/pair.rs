@@ -216,3 +216,19 @@ pub fn replay_lag_bytes(primary: &Host) -> Result<i64> {
     )?
     .parse()?)
 }
+
+/// Produces `count` numbered messages to `topic` on `host`'s Kafka
+/// (created with `partitions`), keyed so that they spread over the
+/// partitions, acks=all.
+pub fn produce(host: &Host, topic: &str, partitions: u32, from: u32, count: u32) -> Result<()> {
+    const KAFKA: &str = "KAFKA_HEAP_OPTS=-Xmx128m /opt/kafka/bin";
+    host.sh(&format!(
+        "{KAFKA}/kafka-topics.sh --bootstrap-server 127.0.0.1:9092 --create --if-not-exists \
+         --topic {topic} --partitions {partitions} >/dev/null && \
+         seq {from} {} | awk '{{print \"k\" $1 % 7 \":\" $1}}' | \
+         {KAFKA}/kafka-console-producer.sh --bootstrap-server 127.0.0.1:9092 --topic {topic} \
+         --property parse.key=true --property key.separator=: --producer-property acks=all",
+        from + count - 1
+    ))?;
+    Ok(())
+}

@@ -99,9 +99,8 @@ fn default_start_timeout() -> Seconds {
 /// The unit hapair owns, and its configuration, in root's directory.
 const UNIT: &str = kafka::MIRRORMAKER_UNIT;
 const CONFIG: &str = "/etc/hapair/mirrormaker.properties";
-/// MirrorMaker's names for the two clusters: the heartbeats of `primary`
-/// arrive here as `primary.heartbeats`.
-const SOURCE: &str = "primary";
+/// MirrorMaker's names for the two clusters.
+const SOURCE: &str = kafka::MIRRORMAKER_SOURCE;
 const TARGET: &str = "secondary";
 
 fn main() -> ExitCode {

@@ -47,6 +47,10 @@ pub fn default_run_as() -> String {
 
 /// The unit that runs MirrorMaker 2 on the secondary (seed step 10).
 pub const MIRRORMAKER_UNIT: &str = "hapair-mirrormaker";
+/// MirrorMaker's name for the primary's cluster (the source): its
+/// heartbeats arrive as `primary.heartbeats`, and it keeps the source
+/// offsets it has mirrored in `mm2-offsets.primary.internal`.
+pub const MIRRORMAKER_SOURCE: &str = "primary";
 
 /// The pair listener's name in `listeners`.
 pub const PAIR_LISTENER: &str = "PAIR";
@@ -262,6 +266,42 @@ impl Tools {
         Ok(parse_topic_offsets(&out.stdout))
     }
 
+    /// Each partition's end offset at `bootstrap`, logged in with `login`
+    /// when given.
+    pub fn partition_end_offsets(
+        &self,
+        bootstrap: &str,
+        login: Option<&Login>,
+    ) -> Result<PartitionOffsets> {
+        let out = self.run_client("kafka-get-offsets.sh", bootstrap, &[], login)?;
+        Ok(parse_partition_offsets(&out.stdout))
+    }
+
+    /// The source offsets MirrorMaker has committed for `source`'s
+    /// partitions, from its offsets topic on the cluster at `bootstrap`
+    /// (the secondary's): read whole, the last record of each partition
+    /// wins.
+    pub fn mirrored_offsets(&self, bootstrap: &str, source: &str) -> Result<PartitionOffsets> {
+        let topic = format!("mm2-offsets.{source}.internal");
+        let out = self.run_client(
+            "kafka-console-consumer.sh",
+            bootstrap,
+            &[
+                "--topic",
+                &topic,
+                "--from-beginning",
+                "--timeout-ms",
+                "3000",
+                "--property",
+                "print.key=true",
+                "--property",
+                "key.separator=\t",
+            ],
+            None,
+        )?;
+        Ok(parse_mirrored_offsets(&out.stdout, source))
+    }
+
     /// Whether the pair listener at `bootstrap` lets `login` in: false
     /// when it refuses the credential, an error when it does not answer.
     pub fn logs_in(&self, bootstrap: &str, login: &Login) -> Result<bool> {
@@ -350,6 +390,90 @@ pub fn parse_topic_offsets(text: &str) -> std::collections::BTreeMap<String, u64
             let sum = topics.entry(topic.to_string()).or_insert(0u64);
             *sum = sum.saturating_add(offset);
         }
+    }
+    topics
+}
+
+/// An offset per partition: (topic, partition) to offset.
+pub type PartitionOffsets = std::collections::BTreeMap<(String, u32), u64>;
+
+/// Each partition's `topic:partition:offset` line (kafka-get-offsets.sh).
+pub fn parse_partition_offsets(text: &str) -> PartitionOffsets {
+    let mut partitions = PartitionOffsets::new();
+    for line in text.lines() {
+        let mut fields = line.trim().rsplitn(3, ':');
+        let (Some(offset), Some(partition), Some(topic)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        if let (Ok(offset), Ok(partition)) = (offset.parse(), partition.parse()) {
+            partitions.insert((topic.to_string(), partition), offset);
+        }
+    }
+    partitions
+}
+
+/// MirrorMaker's offsets topic as the console consumer prints it: a line
+/// per record, `KEY<TAB>VALUE`, where the key names the source partition
+/// (`["MirrorSourceConnector",{"cluster":"primary","partition":0,"topic":"t"}]`)
+/// and the value the last source offset mirrored (`{"offset":41}`), or
+/// `null` when it was forgotten. The last record of a partition wins; other
+/// connectors' and clusters' records are left out.
+pub fn parse_mirrored_offsets(text: &str, source: &str) -> PartitionOffsets {
+    let mut partitions = PartitionOffsets::new();
+    for line in text.lines() {
+        let Some((key, value)) = line.split_once('\t') else {
+            continue;
+        };
+        let Ok(serde_json::Value::Array(key)) = serde_json::from_str(key) else {
+            continue;
+        };
+        let (Some(connector), Some(partition)) = (key.first(), key.get(1)) else {
+            continue;
+        };
+        if connector != "MirrorSourceConnector" || partition["cluster"] != source {
+            continue;
+        }
+        let (Some(topic), Some(number)) = (
+            partition["topic"].as_str(),
+            partition["partition"]
+                .as_u64()
+                .and_then(|p| u32::try_from(p).ok()),
+        ) else {
+            continue;
+        };
+        let at = (topic.to_string(), number);
+        match serde_json::from_str::<serde_json::Value>(value.trim()) {
+            Ok(value) => match value["offset"].as_u64() {
+                Some(offset) => {
+                    partitions.insert(at, offset);
+                }
+                None => {
+                    partitions.remove(&at);
+                }
+            },
+            Err(_) => continue,
+        }
+    }
+    partitions
+}
+
+/// Per topic, the records of `source` not yet mirrored: each partition's
+/// end offset past the next one MirrorMaker would read (the one after the
+/// offset it committed; from the start when it committed none).
+pub fn not_yet_mirrored(
+    source: &PartitionOffsets,
+    mirrored: &PartitionOffsets,
+) -> std::collections::BTreeMap<String, (u64, u64)> {
+    let mut topics = std::collections::BTreeMap::new();
+    for ((topic, partition), end) in source {
+        let next = mirrored
+            .get(&(topic.clone(), *partition))
+            .map_or(0, |committed| committed.saturating_add(1));
+        let (records, behind): &mut (u64, u64) = topics.entry(topic.clone()).or_default();
+        *records = records.saturating_add(*end);
+        *behind = behind.saturating_add(end.saturating_sub(next));
     }
     topics
 }
@@ -698,6 +822,34 @@ mod tests {
         let huge = format!("t:0:{}\nt:1:{}\n", u64::MAX, u64::MAX);
         assert_eq!(parse_topic_offsets(&huge).get("t"), Some(&u64::MAX));
         assert_eq!(parse_end_offsets(&huge), u64::MAX);
+    }
+
+    #[test]
+    fn mirrored_offsets_are_the_last_of_each_partition_and_give_the_exact_lag() {
+        let consumed = concat!(
+            r#"["MirrorSourceConnector",{"cluster":"primary","partition":0,"topic":"t"}]"#,
+            "\t{\"offset\":3}\n",
+            r#"["MirrorSourceConnector",{"cluster":"primary","partition":0,"topic":"t"}]"#,
+            "\t{\"offset\":9}\n",
+            r#"["MirrorSourceConnector",{"cluster":"primary","partition":1,"topic":"t"}]"#,
+            "\t{\"offset\":4}\n",
+            r#"["MirrorSourceConnector",{"cluster":"primary","partition":1,"topic":"t"}]"#,
+            "\tnull\n",
+            r#"["MirrorSourceConnector",{"cluster":"other","partition":0,"topic":"t"}]"#,
+            "\t{\"offset\":99}\n",
+            r#"["MirrorCheckpointConnector",{"cluster":"primary","partition":0,"topic":"t"}]"#,
+            "\t{\"offset\":99}\n",
+            "Processed a total of 6 messages\n"
+        );
+        let mirrored = parse_mirrored_offsets(consumed, "primary");
+        assert_eq!(mirrored.len(), 1);
+        assert_eq!(mirrored.get(&("t".to_string(), 0)), Some(&9));
+        let source = parse_partition_offsets("t:0:15\nt:1:4\nu:0:2\n");
+        let lag = not_yet_mirrored(&source, &mirrored);
+        // t:0 has 10 of 15 mirrored; t:1's offset was forgotten (all 4);
+        // u was never mirrored.
+        assert_eq!(lag.get("t"), Some(&(19, 9)));
+        assert_eq!(lag.get("u"), Some(&(2, 2)));
     }
 
     #[test]

@@ -57,9 +57,13 @@ pub fn report(sources: &Sources) -> Map<String, Value> {
     }
     drop(sender);
     let mut report = Map::new();
-    let deadline = std::time::Instant::now() + sources.timeout;
+    let longest = SECTIONS
+        .map(|s| deadline(s, sources.timeout))
+        .into_iter()
+        .max();
+    let deadline_at = std::time::Instant::now() + longest.unwrap_or(sources.timeout);
     while report.len() < SECTIONS.len() {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let left = deadline_at.saturating_duration_since(std::time::Instant::now());
         match receiver.recv_timeout(left) {
             Ok((section, value)) => {
                 report.insert(section.to_string(), value);
@@ -70,7 +74,7 @@ pub fn report(sources: &Sources) -> Map<String, Value> {
     for section in SECTIONS {
         report
             .entry(section)
-            .or_insert_with(|| hung(sources.timeout));
+            .or_insert_with(|| hung(deadline(section, sources.timeout)));
     }
     report
 }
@@ -99,6 +103,16 @@ pub fn not_yet_measured() -> Value {
     let mut value = unknown("not measured yet: the monitor has just started");
     value["pending"] = true.into();
     value
+}
+
+/// How long a section's measure may take. The event bus's runs two of
+/// Kafka's Java tools and reads MirrorMaker's offsets topic to its end: it
+/// gets at least 30 s, so a busy host is not taken for a hung one.
+pub fn deadline(section: &str, timeout: Duration) -> Duration {
+    match section {
+        "event_bus" => timeout.max(Duration::from_secs(30)),
+        _ => timeout,
+    }
 }
 
 /// A section whose service did not answer in time.
@@ -275,11 +289,15 @@ fn kvstore(server: &Server) -> Result<Value> {
     }
 }
 
-/// The event bus: per topic, the records on the primary's Kafka not yet on
-/// the secondary's, from both clusters' end offsets, read here and through
-/// the other host's pair listener; on the secondary, whether MirrorMaker
-/// runs. The figure is approximate: mirrored records keep their order but
-/// not their offsets.
+/// The event bus: per topic, the records on the primary's Kafka not yet
+/// mirrored to the secondary's.
+///
+/// On the secondary the figure is exact: each partition's end offset on
+/// the primary past the source offset MirrorMaker has committed (its
+/// offsets topic, here). The primary shows the secondary's section; when
+/// the secondary's monitor can't say, it compares both clusters' end
+/// offsets itself, which is approximate (mirrored records keep their order,
+/// not their offsets: a topic's retention or compaction shifts them).
 fn event_bus(sources: &Sources) -> Result<Value> {
     let role = InstanceConfig::load(&sources.instance_config)?.replication_mode();
     let Some((peer, login)) = &sources.kafka_peer else {
@@ -287,54 +305,66 @@ fn event_bus(sources: &Sources) -> Result<Value> {
             "the other host's end offsets need the pair's Kafka login (kafka_password)",
         ));
     };
-    let mut mirrormaker = "running".to_string();
-    let (primary, secondary) = match role {
-        ReplicationMode::Standalone => {
-            return Ok(unknown("this host is standalone: it mirrors nothing"));
+    let kafka = &sources.kafka;
+    let mut topics = Map::new();
+    let shown = |topic: &str| {
+        !(topic.starts_with("__") || topic.starts_with("mm2-") || topic.ends_with(".internal"))
+    };
+    match role {
+        ReplicationMode::Standalone => Ok(unknown("this host is standalone: it mirrors nothing")),
+        ReplicationMode::Secondary => {
+            let unit = crate::services::Unit::new(crate::kafka::MIRRORMAKER_UNIT);
+            if !unit.is_active()? {
+                return Ok(unknown(format!("MirrorMaker ({unit}) is not running")));
+            }
+            let source = kafka.partition_end_offsets(peer, Some(login))?;
+            let mirrored =
+                kafka.mirrored_offsets(&sources.kafka_local, crate::kafka::MIRRORMAKER_SOURCE)?;
+            for (topic, (records, behind)) in crate::kafka::not_yet_mirrored(&source, &mirrored) {
+                if shown(&topic) {
+                    topics.insert(topic, json!({"primary_end": records, "behind": behind}));
+                }
+            }
+            Ok(
+                json!({"status": "ok", "role": role.as_str(), "mirrormaker": "running",
+                      "exact": true, "topics": topics}),
+            )
         }
         ReplicationMode::Primary => {
-            match peer_section(sources, "event_bus") {
-                Ok(seen) if seen["pending"] == true => {
-                    mirrormaker = "not known yet: the secondary's monitor has just started".into();
+            let mirrormaker = match peer_section(sources, "event_bus") {
+                Ok(seen) if seen["status"] == "ok" => {
+                    let mut seen = seen;
+                    seen["role"] = role.as_str().into();
+                    seen["measured_by"] = json!(sources.peer_monitor.map(|a| a.to_string()));
+                    return Ok(seen);
                 }
-                Ok(seen) if seen["status"] == "unknown" => {
+                Ok(seen) if seen["pending"] == true => {
+                    "not known yet: the secondary's monitor has just started".to_string()
+                }
+                Ok(seen) => {
                     return Ok(unknown(format!(
                         "on the secondary: {}",
                         seen["reason"].as_str().unwrap_or("unknown")
                     )));
                 }
-                Ok(_) => {}
-                Err(e) => mirrormaker = format!("not known: {e:#}"),
+                Err(e) => format!("not known: {e:#}"),
+            };
+            let source = kafka.all_end_offsets(&sources.kafka_local, None)?;
+            let target = kafka.all_end_offsets(peer, Some(login))?;
+            for (topic, end) in source.into_iter().filter(|(t, _)| shown(t)) {
+                let there = target.get(&topic).copied().unwrap_or(0);
+                topics.insert(
+                    topic,
+                    json!({"primary_end": end, "secondary_end": there,
+                           "behind": end.saturating_sub(there)}),
+                );
             }
-            (sources.kafka_local.as_str(), peer.as_str())
+            Ok(
+                json!({"status": "ok", "role": role.as_str(), "mirrormaker": mirrormaker,
+                      "exact": false, "topics": topics}),
+            )
         }
-        ReplicationMode::Secondary => {
-            let mirrormaker = crate::services::Unit::new(crate::kafka::MIRRORMAKER_UNIT);
-            if !mirrormaker.is_active()? {
-                return Ok(unknown(format!(
-                    "MirrorMaker ({mirrormaker}) is not running"
-                )));
-            }
-            (peer.as_str(), sources.kafka_local.as_str())
-        }
-    };
-    let login_for = |bootstrap: &str| (bootstrap == peer).then_some(login);
-    let source = sources.kafka.all_end_offsets(primary, login_for(primary))?;
-    let target = sources
-        .kafka
-        .all_end_offsets(secondary, login_for(secondary))?;
-    let mut topics = Map::new();
-    for (topic, end) in &source {
-        if topic.starts_with("__") || topic.starts_with("mm2-") || topic.ends_with(".internal") {
-            continue;
-        }
-        let here = target.get(topic).copied().unwrap_or(0);
-        topics.insert(
-            topic.clone(),
-            json!({"primary_end": end, "secondary_end": here, "behind": end.saturating_sub(here)}),
-        );
     }
-    Ok(json!({"status": "ok", "role": role.as_str(), "mirrormaker": mirrormaker, "topics": topics}))
 }
 
 /// The last file sync's record (`cluster_replicate_files`), on the

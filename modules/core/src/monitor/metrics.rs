@@ -293,7 +293,7 @@ fn event_bus(out: &mut Families, bus: &Value) {
         .collect();
     out.gauge(
         "hapair_event_bus_records_behind",
-        "Records on the primary's topic not yet on the secondary's (from both end offsets).",
+        "Records of the primary's topic not yet mirrored (exact when measured on the secondary).",
         &topics,
     );
 }

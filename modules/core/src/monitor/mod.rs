@@ -172,10 +172,10 @@ impl Monitor {
     /// The report from the last measures: a section still being measured
     /// past the timeout is hung, whatever it said before.
     pub fn snapshot(&self) -> Snapshot {
-        let timeout = self.options.sources.timeout;
         let measures = lock(&self.measures).clone();
         let mut report = Map::new();
         for (section, measure) in SECTIONS.iter().zip(measures) {
+            let timeout = status::deadline(section, self.options.sources.timeout);
             let hung = measure
                 .running_since
                 .is_some_and(|since| since.elapsed() > timeout);
