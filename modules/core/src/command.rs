@@ -124,22 +124,9 @@ impl Command {
     /// a terminal). Still captured whole, for the caller to read.
     pub fn output_echoing(&self, echo: &mut dyn std::io::Write) -> Result<Output> {
         use std::io::Read;
-        let program = resolve(&self.program)?;
-        let mut command = std::process::Command::new(program);
-        command
-            .args(&self.args)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        for (name, value) in &self.env {
-            command.env(name, value);
-        }
-        for (name, value) in &self.secret_env {
-            command.env(name, value.expose());
-        }
-        let mut child = command
-            .spawn()
-            .with_context(|| format!("can't run `{}`", self.display()))?;
+        let mut child = self.spawn(|command| {
+            command.stderr(std::process::Stdio::piped());
+        })?;
         let stderr = child.stderr.take().map(|mut pipe| {
             std::thread::spawn(move || {
                 let mut text = Vec::new();
@@ -171,6 +158,26 @@ impl Command {
         })
     }
 
+    /// Starts the program with stdin closed and stdout piped, its
+    /// environment and secrets set; `shape` sets the rest (stderr, group).
+    fn spawn(&self, shape: impl FnOnce(&mut std::process::Command)) -> Result<std::process::Child> {
+        let mut command = std::process::Command::new(resolve(&self.program)?);
+        command
+            .args(&self.args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped());
+        for (name, value) in &self.env {
+            command.env(name, value);
+        }
+        for (name, value) in &self.secret_env {
+            command.env(name, value.expose());
+        }
+        shape(&mut command);
+        command
+            .spawn()
+            .with_context(|| format!("can't run `{}`", self.display()))
+    }
+
     /// Runs the program in a process group of its own and fails unless it
     /// exits 0. `started` gets the group's id as soon as it runs (to be
     /// recorded: a later run can then end what a killed one left).
@@ -181,27 +188,13 @@ impl Command {
     pub fn run_in_own_group(&self, started: impl FnOnce(u32)) -> Result<Output> {
         use std::io::Read;
         use std::os::unix::process::CommandExt;
-        let program = resolve(&self.program)?;
-        let mut command = std::process::Command::new(program);
-        command
-            .args(&self.args)
-            .process_group(0)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(if self.show_stderr {
+        let mut child = self.spawn(|command| {
+            command.process_group(0).stderr(if self.show_stderr {
                 std::process::Stdio::inherit()
             } else {
                 std::process::Stdio::piped()
             });
-        for (name, value) in &self.env {
-            command.env(name, value);
-        }
-        for (name, value) in &self.secret_env {
-            command.env(name, value.expose());
-        }
-        let mut child = command
-            .spawn()
-            .with_context(|| format!("can't run `{}`", self.display()))?;
+        })?;
         started(child.id());
         let reader = |pipe: Option<Box<dyn Read + Send>>| {
             std::thread::spawn(move || {

@@ -47,6 +47,8 @@ pub fn default_run_as() -> String {
 
 /// The unit that runs MirrorMaker 2 on the secondary (seed step 10).
 pub const MIRRORMAKER_UNIT: &str = "hapair-mirrormaker";
+/// MirrorMaker's configuration, in root's directory.
+pub const MIRRORMAKER_CONFIG: &str = "/etc/hapair/mirrormaker.properties";
 /// MirrorMaker's name for the primary's cluster (the source): its
 /// heartbeats arrive as `primary.heartbeats`, and it keeps the source
 /// offsets it has mirrored in `mm2-offsets.primary.internal`.
@@ -375,21 +377,13 @@ impl Tools {
     }
 }
 
-/// Each topic's sum of `topic:partition:offset` lines (kafka-get-offsets.sh;
-/// a topic name may hold no `:`, so the last two fields are split off).
+/// Each topic's sum of its partitions' `topic:partition:offset` lines
+/// (kafka-get-offsets.sh), saturating.
 pub fn parse_topic_offsets(text: &str) -> std::collections::BTreeMap<String, u64> {
     let mut topics = std::collections::BTreeMap::new();
-    for line in text.lines() {
-        let mut fields = line.trim().rsplitn(3, ':');
-        let (Some(offset), Some(_partition), Some(topic)) =
-            (fields.next(), fields.next(), fields.next())
-        else {
-            continue;
-        };
-        if let Ok(offset) = offset.parse::<u64>() {
-            let sum = topics.entry(topic.to_string()).or_insert(0u64);
-            *sum = sum.saturating_add(offset);
-        }
+    for ((topic, _), offset) in parse_partition_offsets(text) {
+        let sum: &mut u64 = topics.entry(topic).or_default();
+        *sum = sum.saturating_add(offset);
     }
     topics
 }
@@ -397,7 +391,8 @@ pub fn parse_topic_offsets(text: &str) -> std::collections::BTreeMap<String, u64
 /// An offset per partition: (topic, partition) to offset.
 pub type PartitionOffsets = std::collections::BTreeMap<(String, u32), u64>;
 
-/// Each partition's `topic:partition:offset` line (kafka-get-offsets.sh).
+/// Each partition's `topic:partition:offset` line (kafka-get-offsets.sh;
+/// a topic name may hold no `:`, so the last two fields are split off).
 pub fn parse_partition_offsets(text: &str) -> PartitionOffsets {
     let mut partitions = PartitionOffsets::new();
     for line in text.lines() {
