@@ -1,12 +1,12 @@
 //! End to end: ansible-playbook over SSH against a pair of fleet hosts, as an
 //! operator runs it.
 
-use std::path::PathBuf;
 use std::process::{Command, ExitCode};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use hapair_tests::pair::{kafka_login_file, monitor_report, KAFKA_PAIR_PORT};
+use hapair_tests::playbook::{changed_tasks, playbook, venv_bin, PlaybookRun};
 use hapair_tests::{
     ensure_eq, module_binary, module_names, repo_root, suite, wait_for, Fleet, Host, Test,
 };
@@ -23,14 +23,6 @@ const TESTS: &[Test] = &[
 fn main() -> ExitCode {
     // The third host is the outsider: on the pair's network, not of it.
     suite("e2e", 3, 2, TESTS)
-}
-
-fn venv_bin(tool: &str) -> Result<PathBuf> {
-    let path = repo_root().join(".venv/bin").join(tool);
-    if !path.is_file() {
-        bail!("{} is missing: run `make venv`", path.display());
-    }
-    Ok(path)
 }
 
 /// The staged library must hold exactly the release binaries and docs.
@@ -77,99 +69,6 @@ fn ansible_doc(_fleet: &Fleet) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// One ansible-playbook run: its output and the PLAY RECAP counts per host.
-struct PlaybookRun {
-    output: String,
-    succeeded: bool,
-    recap: Vec<(String, u32, u32)>, // host, changed, failed
-    seconds: f64,
-}
-
-impl PlaybookRun {
-    fn changed(&self) -> u32 {
-        self.recap.iter().map(|(_, changed, _)| changed).sum()
-    }
-
-    /// Fails unless the run passed with a recap for both hosts.
-    fn ok(self) -> Result<PlaybookRun> {
-        if !self.succeeded || self.recap.len() != 2 {
-            bail!("ansible-playbook failed:\n{}", self.output);
-        }
-        Ok(self)
-    }
-}
-
-/// Warnings our modules give on purpose. Any other warning means something
-/// is off even when the run passed (junk after a module's JSON, say).
-const EXPECTED_WARNINGS: &[&str] = &["cluster.protected_instance is now false"];
-
-fn playbook(fleet: &Fleet, playbook: &str, extra: &[&str]) -> Result<PlaybookRun> {
-    let started = Instant::now();
-    let output = Command::new(venv_bin("ansible-playbook")?)
-        .arg("-i")
-        .arg(fleet.inventory())
-        .arg(repo_root().join("playbooks").join(playbook))
-        .args(extra)
-        .env("ANSIBLE_CONFIG", repo_root().join("ansible.cfg"))
-        .env("ANSIBLE_NOCOLOR", "1")
-        .current_dir(repo_root())
-        .output()
-        .context("can't run ansible-playbook")?;
-    let seconds = started.elapsed().as_secs_f64();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let unexpected = text.lines().find(|line| {
-        line.contains("[WARNING]") && !EXPECTED_WARNINGS.iter().any(|w| line.contains(w))
-    });
-    if let Some(warning) = unexpected {
-        bail!("ansible-playbook warned: {warning}\n{text}");
-    }
-    Ok(PlaybookRun {
-        recap: parse_recap(&text),
-        output: text,
-        succeeded: output.status.success(),
-        seconds,
-    })
-}
-
-/// "TASK name: host" for each task that reported a change.
-fn changed_tasks(output: &str) -> Vec<String> {
-    let mut task = "";
-    let mut changed = Vec::new();
-    for line in output.lines() {
-        if let Some(name) = line.strip_prefix("TASK [") {
-            task = name.split(']').next().unwrap_or(name);
-        } else if let Some(host) = line.strip_prefix("changed: [") {
-            changed.push(format!(
-                "{task}: {}",
-                host.split(']').next().unwrap_or(host)
-            ));
-        }
-    }
-    changed
-}
-
-/// `demo-primary : ok=4 changed=2 unreachable=0 failed=0 ...`
-fn parse_recap(output: &str) -> Vec<(String, u32, u32)> {
-    let recap = output.split("PLAY RECAP").nth(1).unwrap_or("");
-    recap
-        .lines()
-        .filter_map(|line| {
-            let (host, counts) = line.split_once(" : ")?;
-            let count = |name: &str| {
-                counts
-                    .split_whitespace()
-                    .find_map(|c| c.strip_prefix(&format!("{name}=")))
-                    .and_then(|n| n.parse().ok())
-            };
-            Some((host.trim().to_string(), count("changed")?, count("failed")?))
-        })
-        .collect()
 }
 
 /// What the set-up touches on a host.

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 
 pub mod pair;
+pub mod playbook;
 use serde_json::Value;
 
 /// Where module binaries are put on a test host.
