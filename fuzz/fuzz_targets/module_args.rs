@@ -23,14 +23,17 @@ macro_rules! modules {
 modules!(
     cluster_add_secondary => "../../modules/cluster_add_secondary/src/main.rs",
     cluster_enter_primary_mode => "../../modules/cluster_enter_primary_mode/src/main.rs",
+    cluster_enter_standalone_mode => "../../modules/cluster_enter_standalone_mode/src/main.rs",
     cluster_generate_keys => "../../modules/cluster_generate_keys/src/main.rs",
     cluster_kvstore_copy => "../../modules/cluster_kvstore_copy/src/main.rs",
     cluster_preflight => "../../modules/cluster_preflight/src/main.rs",
+    cluster_replicate_files => "../../modules/cluster_replicate_files/src/main.rs",
     cluster_replicate_postgres => "../../modules/cluster_replicate_postgres/src/main.rs",
     cluster_start_kafka_sync => "../../modules/cluster_start_kafka_sync/src/main.rs",
     instance_conf => "../../modules/instance_conf/src/main.rs",
     replication_helper => "../../modules/replication_helper/src/main.rs",
     replication_port_check => "../../modules/replication_port_check/src/main.rs",
+    replication_status => "../../modules/replication_status/src/main.rs",
 );
 
 fuzz_target!(|data: &[u8]| {

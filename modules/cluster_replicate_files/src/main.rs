@@ -116,8 +116,8 @@ fn default_ssh_timeout() -> Seconds {
 }
 
 /// The timer's units, its options, and where the module installs itself.
-const UNIT: &str = "hapair-files-sync";
-const TIMER_ARGS: &str = "/etc/hapair/files-sync.args.json";
+const UNIT: &str = rsync::SYNC_UNIT;
+const TIMER_ARGS: &str = rsync::SYNC_ARGS;
 const INSTALLED: InstalledSelf = InstalledSelf("/usr/local/libexec/hapair/cluster_replicate_files");
 const RECORD: &str = rsync::SYNC_RECORD;
 

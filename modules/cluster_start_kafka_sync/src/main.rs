@@ -98,7 +98,7 @@ fn default_start_timeout() -> Seconds {
 
 /// The unit hapair owns, and its configuration, in root's directory.
 const UNIT: &str = kafka::MIRRORMAKER_UNIT;
-const CONFIG: &str = "/etc/hapair/mirrormaker.properties";
+const CONFIG: &str = kafka::MIRRORMAKER_CONFIG;
 /// MirrorMaker's names for the two clusters.
 const SOURCE: &str = kafka::MIRRORMAKER_SOURCE;
 const TARGET: &str = "secondary";

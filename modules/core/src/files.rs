@@ -647,6 +647,20 @@ pub fn line_content(line: &str) -> &str {
     line.strip_suffix('\r').unwrap_or(line)
 }
 
+/// `text` without the lines that set one of `keys` (the first word of the
+/// line, before blanks or `=`, compared without case as Redis and
+/// PostgreSQL read their settings); every other line kept as it is.
+pub fn without_settings(text: &str, keys: &[&str]) -> String {
+    join_lines(config_lines(text).filter(|line| {
+        let key = line_content(line)
+            .trim_start()
+            .split(|c: char| c.is_whitespace() || c == '=')
+            .next()
+            .unwrap_or("");
+        !keys.iter().any(|k| k.eq_ignore_ascii_case(key))
+    }))
+}
+
 /// The directory `path` is in (`.` for a bare name).
 pub fn parent_of(path: &Path) -> PathBuf {
     match path.parent() {
@@ -797,6 +811,20 @@ mod tests {
         let path = dir.join("missing-dir").join("x");
         assert!(write_atomic(&path, b"x", 0o600, None).is_err());
         fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn settings_are_removed_by_key_and_nothing_else() {
+        let text = "bind 1.2.3.4\nreplicaof 10.0.0.1 6379\nREPLICA-read-only yes\n# replicaof x\n";
+        assert_eq!(
+            without_settings(text, &["replicaof", "replica-read-only"]),
+            "bind 1.2.3.4\n# replicaof x\n"
+        );
+        let pg = "listen_addresses = 'x'\nprimary_conninfo='host=a'\nprimary_slot_name = 's'\n";
+        assert_eq!(
+            without_settings(pg, &["primary_conninfo", "primary_slot_name"]),
+            "listen_addresses = 'x'\n"
+        );
     }
 
     #[test]

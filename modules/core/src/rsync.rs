@@ -22,6 +22,11 @@ use crate::command::{Command, Output};
 
 /// Where each file sync records its outcome, for the report: runtime state
 /// in root's directory (after a reboot the timer's first run writes it).
+/// The file sync's timer unit (`.timer` and `.service`), and the options
+/// its runs take, written by `cluster_replicate_files timer=present`.
+pub const SYNC_UNIT: &str = "hapair-files-sync";
+pub const SYNC_ARGS: &str = "/etc/hapair/files-sync.args.json";
+
 pub const SYNC_RECORD: &str = "/run/hapair/files-sync.json";
 
 /// One directory pulled from the peer into the same path here.

@@ -234,6 +234,12 @@ impl Cluster {
         self.config_dir.join("conf.d").join("hapair.conf")
     }
 
+    /// A standby's drop-in (step 8): its connection to the primary and the
+    /// addresses it listens on.
+    pub fn standby_dropin(&self) -> PathBuf {
+        self.config_dir.join("conf.d").join(standby::STANDBY_DROPIN)
+    }
+
     /// Runs `sql` as the postgres superuser; returns the rows, one per line,
     /// columns separated by `|`.
     pub fn query(&self, sql: &str) -> Result<String> {
@@ -471,6 +477,12 @@ pub fn hba_with_replication_rule(
         "{HBA_BEGIN}\nhostssl replication     {}    {secondary}/32    scram-sha-256\n{HBA_END}\n",
         quote_ident(role.as_str())
     );
+    Ok(format!("{block}{}", hba_without_replication_rule(text)?))
+}
+
+/// `pg_hba.conf` text without hapair's block (the pair broken); the same
+/// refusals of broken markers as [`hba_with_replication_rule`].
+pub fn hba_without_replication_rule(text: &str) -> Result<String> {
     let mut rest: Vec<&str> = Vec::new();
     let mut inside = false;
     let mut blocks = 0;
@@ -499,8 +511,7 @@ pub fn hba_with_replication_rule(
              run again"
         );
     }
-    let rest = crate::files::join_lines(rest);
-    Ok(format!("{block}{rest}"))
+    Ok(crate::files::join_lines(rest))
 }
 
 /// `"name"` for SQL, quotes doubled.
@@ -632,6 +643,9 @@ mod tests {
             "{moved}"
         );
         assert_eq!(slot_name_for(a), "hapair_10_0_0_2");
+        // Breaking the pair takes the block out and leaves every other rule.
+        assert_eq!(hba_without_replication_rule(&once).unwrap(), debian);
+        assert_eq!(hba_without_replication_rule(debian).unwrap(), debian);
     }
 
     #[test]
@@ -646,6 +660,7 @@ mod tests {
         ] {
             let err = hba_with_replication_rule(&broken, &role, a).unwrap_err();
             assert!(format!("{err}").contains("run again"), "{err}");
+            assert!(hba_without_replication_rule(&broken).is_err());
         }
     }
 
