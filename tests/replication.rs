@@ -95,6 +95,7 @@ fn primary_mode(fleet: &Fleet) -> Result<()> {
     };
     ensure_eq!(show("wal_level")?.trim(), "replica");
     ensure_eq!(show("max_slot_wal_keep_size")?.trim(), "10GB");
+    ensure_eq!(show("wal_log_hints")?.trim(), "on");
     if !secondary.succeeds(&format!("nc -z -w 2 {} 5432", primary.ip))? {
         bail!("PostgreSQL does not listen on the pair's address");
     }
@@ -285,6 +286,8 @@ fn secondary_streams(fleet: &Fleet) -> Result<()> {
         sql(secondary, "select status from pg_stat_wal_receiver")?,
         "streaming"
     );
+    // Either host may be rewound after a failover.
+    ensure_eq!(sql(secondary, "show wal_log_hints")?, "on");
     // The standby's connection requires TLS with channel binding.
     let conninfo = secondary
         .sh("runuser -u postgres -- psql -XAtc 'select conninfo from pg_stat_wal_receiver'")?;

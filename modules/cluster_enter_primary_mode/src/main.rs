@@ -4,7 +4,8 @@
 //! Makes this host ready to be replicated from:
 //! - PostgreSQL: streaming replication settings in hapair's conf.d drop-in
 //!   (with a bounded `max_slot_wal_keep_size`, so a dead secondary can't fill
-//!   this host's disk), listening on the pair's address, and a replication
+//!   this host's disk; `wal_log_hints`, so that after a failover pg_rewind
+//!   can rejoin this host), listening on the pair's address, and a replication
 //!   role whose password is set as a SCRAM verifier;
 //! - Redis: listening on the pair's address, with a password;
 //! - Kafka: a listener on the pair's address that requires the pair's
@@ -273,7 +274,10 @@ fn postgres_dropin(args: &Args, address: Ipv4Addr) -> String {
          max_replication_slots = {}\n\
          # A dead secondary's slot may hold back at most this much WAL.\n\
          max_slot_wal_keep_size = '{}'\n\
-         hot_standby = 'on'\n",
+         hot_standby = 'on'\n\
+         # pg_rewind needs it to rejoin this host as a standby after a\n\
+         # failover, rather than copy the whole data directory.\n\
+         wal_log_hints = 'on'\n",
         args.max_wal_senders, args.max_replication_slots, args.max_slot_wal_keep_size
     )
 }

@@ -385,7 +385,10 @@ pub fn standby_settings(
          listen_addresses = 'localhost,{address}'\n\
          primary_conninfo = {}\n\
          primary_slot_name = {}\n\
-         hot_standby = 'on'\n",
+         hot_standby = 'on'\n\
+         # pg_rewind needs it once this host is the primary and the other\n\
+         # host rejoins after a failover.\n\
+         wal_log_hints = 'on'\n",
         conf_quote(&conninfo)?,
         conf_quote(slot)?
     ))
