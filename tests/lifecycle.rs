@@ -6,15 +6,23 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use hapair_tests::pair::{all_replicating, sql, REDIS_PASSWORD};
+use hapair_tests::pair::{
+    all_replicating, install_monitor, monitor_report, sql, MONITOR_PORT, REDIS_PASSWORD,
+};
 use hapair_tests::playbook::playbook;
-use hapair_tests::{ensure_eq, suite, wait_for, Fleet, Host, Test};
+use hapair_tests::{ensure_eq, http_get, suite, wait_for, Fleet, Host, Test};
 use serde_json::{json, Value};
 
-const TESTS: &[Test] = &[(
-    "break_leaves_both_hosts_standalone_writable_protected_with_their_data",
-    break_pair,
-)];
+const TESTS: &[Test] = &[
+    (
+        "two_primaries_are_reported_by_both_monitors_and_ha_setup_stops",
+        two_primaries,
+    ),
+    (
+        "break_leaves_both_hosts_standalone_writable_protected_with_their_data",
+        break_pair,
+    ),
+];
 
 fn main() -> ExitCode {
     suite("lifecycle", 2, 15, TESTS)
@@ -189,5 +197,70 @@ fn break_pair(fleet: &Fleet) -> Result<()> {
     }
     before[0].ensure_unchanged(&primary.snapshot(BROKEN_PATHS)?)?;
     before[1].ensure_unchanged(&secondary.snapshot(BROKEN_PATHS)?)?;
+    Ok(())
+}
+
+/// A standby promoted by hand and recorded as primary, as an old primary
+/// back after an unplanned failover would be: both monitors say so, loudly,
+/// with the way out; the primary gate closes on both; ha_setup.yml refuses
+/// to re-seed either.
+fn two_primaries(fleet: &Fleet) -> Result<()> {
+    let (primary, secondary) = (fleet.host("primary"), fleet.host("secondary"));
+    all_replicating(primary, secondary)?;
+    install_monitor(primary, json!({}))?;
+    install_monitor(secondary, json!({}))?;
+    sql(secondary, "select pg_promote(true, 60)")?;
+    secondary
+        .run_module(
+            "instance_conf",
+            &json!({"key": "cluster.replication_mode", "value": "primary"}),
+        )?
+        .ok()?;
+    for host in [primary, secondary] {
+        let mut report = Value::Null;
+        wait_for("two primaries reported", Duration::from_secs(30), || {
+            report = monitor_report(host)?;
+            Ok(report["two_primaries"].is_object())
+        })?;
+        ensure_eq!(report["healthy"], false);
+        if !report["two_primaries"]["fix"]
+            .as_str()
+            .unwrap_or("")
+            .contains("break.yml")
+        {
+            bail!("the report names no way out: {report}");
+        }
+        let address = format!("{}:{MONITOR_PORT}", host.ip);
+        ensure_eq!(http_get(&address, "/primary")?.status, 503);
+        ensure_eq!(http_get(&address, "/health")?.status, 503);
+        if !http_get(&address, "/metrics")?
+            .body
+            .contains("hapair_two_primaries 1\n")
+        {
+            bail!("the metrics of {} do not say two primaries", host.name);
+        }
+        if !http_get(&address, "/")?
+            .body
+            .contains("id=\"two-primaries\"")
+        {
+            bail!(
+                "the status page of {} does not say two primaries",
+                host.name
+            );
+        }
+    }
+    let refused = playbook(
+        fleet,
+        "ha_setup.yml",
+        &["-e", "hapair_confirm_unsafe_steps=true"],
+    )?;
+    if refused.succeeded || !refused.output.contains("both say they are the primary") {
+        bail!(
+            "ha_setup.yml did not refuse two primaries:\n{}",
+            refused.output
+        );
+    }
+    // Nothing was re-seeded: the promoted host still takes writes.
+    ensure_eq!(sql(secondary, "select pg_is_in_recovery()")?, "f");
     Ok(())
 }

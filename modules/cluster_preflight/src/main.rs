@@ -15,7 +15,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context as _, Result};
 use hapair_core::command::Command;
-use hapair_core::instance::{self, InstanceConfig, Key};
+use hapair_core::instance::{self, InstanceConfig, Key, ReplicationMode};
 use hapair_core::{net, postgres, protocol, ssh, Context, Outcome, Spec};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -75,6 +75,9 @@ struct Facts {
     recorded_override_ip: Option<String>,
     recorded_hosts: Vec<String>,
     ssh_host_key: Option<String>,
+    /// `cluster.replication_mode`, to refuse a pair with two primaries.
+    #[serde(default)]
+    replication_mode: String,
 }
 
 fn main() -> ExitCode {
@@ -97,6 +100,18 @@ fn cluster_preflight(args: Args, ctx: &mut Context) -> Result<Outcome> {
         ))
         .with("facts", &facts));
     };
+    let primary = ReplicationMode::Primary.as_str();
+    if facts.replication_mode == primary && peer.replication_mode == primary {
+        bail!(
+            "{} and {} both say they are the primary (cluster.replication_mode): each may have \
+             taken writes of its own, and setting the pair up now would re-seed one and lose \
+             them. Stop the application's writes to the host whose writes you give up, back it \
+             up, run playbooks/break.yml, then run ha_setup.yml with the host you keep in the \
+             primary group",
+            facts.hostname,
+            peer.hostname
+        );
+    }
     let mismatches = compare(&facts, peer, args.size_tolerance_percent);
     if mismatches.is_empty() {
         return Ok(Outcome::unchanged(format!(
@@ -151,6 +166,7 @@ fn gather(args: &Args, ctx: &mut Context) -> Result<Facts> {
         recorded_override_ip: string(recorded(instance::OVERRIDE_IP)),
         recorded_hosts,
         ssh_host_key: ssh::own_host_key().ok().map(|k| k.material()),
+        replication_mode: config.replication_mode().as_str().to_string(),
     })
 }
 
@@ -344,6 +360,7 @@ mod tests {
             recorded_override_ip: None,
             recorded_hosts: vec![],
             ssh_host_key: None,
+            replication_mode: "primary".into(),
         }
     }
 

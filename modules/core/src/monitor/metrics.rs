@@ -89,6 +89,11 @@ pub fn render(snapshot: &Snapshot) -> String {
         "Whether every section of the report is ok (1), or one is unknown or failing (0).",
         Some(flag(snapshot.healthy)),
     );
+    out.single(
+        "hapair_two_primaries",
+        "Whether both hosts are primaries taking writes (1): see two_primaries in /monitor/replication.",
+        Some(flag(report.get("two_primaries").is_some_and(|t| t != false))),
+    );
     let sections: Vec<_> = SECTIONS
         .iter()
         .map(|s| (vec![("section", s.to_string())], flag(measured(s))))

@@ -28,6 +28,7 @@ use anyhow::{Context as _, Result};
 use serde_json::{json, Map, Value};
 
 use crate::files::unix_time;
+use crate::instance::InstanceConfig;
 use crate::status::{self, Lag, Sources, SECTIONS};
 
 /// What the daemon measures, where it listens and how often it measures.
@@ -77,6 +78,15 @@ pub struct Monitor {
     options: Options,
     measures: Mutex<[Measure; SECTIONS.len()]>,
     history: Mutex<VecDeque<Sample>>,
+    pair: Mutex<PairView>,
+}
+
+/// This host's role as its instance config says, and the other host's
+/// report as its monitor last served it: enough to see two primaries.
+#[derive(Debug, Clone, Default)]
+struct PairView {
+    role: Option<String>,
+    peer: Option<Value>,
 }
 
 /// Locks `mutex`, even one a panicking thread held: what it guards is
@@ -93,6 +103,7 @@ impl Monitor {
             options,
             measures: Mutex::new(Default::default()),
             history: Mutex::new(VecDeque::new()),
+            pair: Mutex::new(PairView::default()),
         }
     }
 
@@ -117,6 +128,13 @@ impl Monitor {
             let monitor = Arc::clone(&monitor);
             std::thread::spawn(move || loop {
                 monitor.record_sample();
+                std::thread::sleep(monitor.options.interval);
+            });
+        }
+        {
+            let monitor = Arc::clone(&monitor);
+            std::thread::spawn(move || loop {
+                monitor.look_at_the_pair();
                 std::thread::sleep(monitor.options.interval);
             });
         }
@@ -191,12 +209,29 @@ impl Monitor {
             }
             report.insert(section.to_string(), value);
         }
-        let healthy = status::healthy(&report);
+        let pair = lock(&self.pair).clone();
+        let two = two_primaries(&pair, &report);
+        report.insert("role".into(), json!(pair.role));
+        report.insert("two_primaries".into(), two.clone());
+        let healthy = status::healthy(&report) && two == false;
         Snapshot {
             report,
             healthy,
             time: unix_time(),
         }
+    }
+
+    /// This host's role, from its instance config, and the other host's
+    /// report, from its monitor (none when it does not answer).
+    fn look_at_the_pair(&self) {
+        let sources = &self.options.sources;
+        let role = InstanceConfig::load(&sources.instance_config)
+            .ok()
+            .map(|c| c.replication_mode().as_str().to_string());
+        let peer = sources
+            .peer_monitor
+            .and_then(|address| fetch_report(address, sources.timeout).ok());
+        *lock(&self.pair) = PairView { role, peer };
     }
 
     fn record_sample(&self) {
@@ -354,6 +389,10 @@ impl Gate {
         let postgres = &report["postgres"];
         let redis = &report["kvstore"];
         match self {
+            Gate::Primary if report.get("two_primaries").is_some_and(|t| t != false) => (
+                false,
+                "both hosts are primaries: see two_primaries in /monitor/replication".into(),
+            ),
             Gate::Primary => match (postgres["role"].as_str(), redis["role"].as_str()) {
                 (Some("primary"), Some("primary")) => {
                     (true, "PostgreSQL and Redis are primaries".into())
@@ -395,6 +434,30 @@ impl Gate {
             }
         }
     }
+}
+
+/// Whether both hosts are primaries: each one's instance config says so and
+/// each one's PostgreSQL takes writes (an old primary back after an
+/// unplanned failover, or a standby promoted by hand). Both then take
+/// writes and their data part ways: loud, and with the way out.
+fn two_primaries(pair: &PairView, report: &Map<String, Value>) -> Value {
+    let Some(peer) = &pair.peer else {
+        return json!(false);
+    };
+    let primary =
+        |role: &Value, postgres: &Value| role == "primary" && postgres["role"] == "primary";
+    if !(pair.role.as_deref() == Some("primary")
+        && report["postgres"]["role"] == "primary"
+        && primary(&peer["role"], &peer["postgres"]))
+    {
+        return json!(false);
+    }
+    json!({
+        "problem": "both hosts are primaries and take writes: their data part ways",
+        "fix": "stop the application's writes to the host whose writes you give up; back it \
+                up; run playbooks/break.yml, then playbooks/ha_setup.yml with the host you keep \
+                in the primary group (it re-seeds the other from it)",
+    })
 }
 
 fn role_of(role: Option<&str>) -> String {
@@ -490,6 +553,39 @@ mod tests {
         assert!(!open(Gate::Replica { max_lag: None }, &primary));
         let (_, why) = Gate::Primary.check(&report(status::unknown("down"), replica));
         assert_eq!(why, "PostgreSQL is not measured, Redis is a replica");
+    }
+
+    #[test]
+    fn two_primaries_are_both_configs_and_both_postgresqls_saying_primary() {
+        let report = |pg_role: &str| {
+            let mut r = Map::new();
+            r.insert("postgres".into(), json!({"role": pg_role}));
+            r
+        };
+        let peer = |role: &str, pg_role: &str| json!({"role": role, "postgres": {"role": pg_role}});
+        let view = |role: &str, peer: Option<Value>| PairView {
+            role: Some(role.into()),
+            peer,
+        };
+        let two = two_primaries(
+            &view("primary", Some(peer("primary", "primary"))),
+            &report("primary"),
+        );
+        assert!(two["fix"].as_str().unwrap().contains("break.yml"));
+        // A broken pair: both standalone, both writable, as meant.
+        let broken = view("standalone", Some(peer("standalone", "primary")));
+        assert_eq!(two_primaries(&broken, &report("primary")), json!(false));
+        // A healthy pair, and a peer that does not answer.
+        let healthy = view("primary", Some(peer("secondary", "standby")));
+        assert_eq!(two_primaries(&healthy, &report("primary")), json!(false));
+        assert_eq!(
+            two_primaries(&view("primary", None), &report("primary")),
+            json!(false)
+        );
+        let mut gated = report("primary");
+        gated.insert("kvstore".into(), json!({"role": "primary"}));
+        gated.insert("two_primaries".into(), two);
+        assert!(!Gate::Primary.check(&gated).0);
     }
 
     #[test]

@@ -52,6 +52,18 @@ pub fn render(snapshot: &Snapshot, history: &[Sample]) -> String {
          <p class=\"{}\" id=\"health\">{health}</p>",
         if snapshot.healthy { "ok" } else { "bad" }
     );
+    if let Some(two) = snapshot
+        .report
+        .get("two_primaries")
+        .filter(|t| t.is_object())
+    {
+        let _ = write!(
+            page,
+            "<p class=\"bad\" id=\"two-primaries\">Two primaries: {}. To fix: {}.</p>",
+            escape(two["problem"].as_str().unwrap_or("")),
+            escape(two["fix"].as_str().unwrap_or(""))
+        );
+    }
     for (index, section) in SECTIONS.iter().enumerate() {
         let value = &snapshot.report[*section];
         let status = value["status"].as_str().unwrap_or("?");
