@@ -124,20 +124,9 @@ impl Monitor {
             let monitor = Arc::clone(&monitor);
             std::thread::spawn(move || monitor.measure_forever(index));
         }
-        {
-            let monitor = Arc::clone(&monitor);
-            std::thread::spawn(move || loop {
-                monitor.record_sample();
-                std::thread::sleep(monitor.options.interval);
-            });
-        }
-        {
-            let monitor = Arc::clone(&monitor);
-            std::thread::spawn(move || loop {
-                monitor.look_at_the_pair();
-                std::thread::sleep(monitor.options.interval);
-            });
-        }
+        let interval = monitor.options.interval;
+        every(&monitor, interval, Monitor::record_sample);
+        every(&monitor, interval, Monitor::look_at_the_pair);
         eprintln!(
             "hapair-monitor: listening on {}",
             monitor
@@ -323,6 +312,15 @@ impl Monitor {
             ),
         }
     }
+}
+
+/// Runs `task` every `interval`, for ever, in a thread of its own.
+fn every(monitor: &Arc<Monitor>, interval: Duration, task: fn(&Monitor)) {
+    let monitor = Arc::clone(monitor);
+    std::thread::spawn(move || loop {
+        task(&monitor);
+        std::thread::sleep(interval);
+    });
 }
 
 /// The other host's report, from its monitor's `/monitor/replication`
