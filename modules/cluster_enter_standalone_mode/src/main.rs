@@ -18,7 +18,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{bail, Result};
 use hapair_core::files::{self, FilePlan};
@@ -119,8 +118,7 @@ fn cluster_enter_standalone_mode(args: Args, ctx: &mut Context) -> Result<Outcom
         &redis::dropin_path(&args.redis_config),
         &REPLICA_SETTINGS,
     )?;
-    let in_recovery = cluster.query("SELECT pg_is_in_recovery()")? == "t";
-    if in_recovery {
+    if cluster.in_recovery()? {
         actions.push(Change::Promote);
     }
     edit_existing(&mut files, &cluster.standby_dropin(), &STANDBY_SETTINGS)?;
@@ -137,11 +135,7 @@ fn cluster_enter_standalone_mode(args: Args, ctx: &mut Context) -> Result<Outcom
         Some(hba_state.owner),
     )?;
     files.describe(&hba, "remove hapair's replication rule from pg_hba.conf");
-    let slots: Vec<String> = cluster
-        .query("SELECT slot_name FROM pg_replication_slots WHERE slot_name LIKE 'hapair\\_%'")?
-        .lines()
-        .map(str::to_string)
-        .collect();
+    let slots = cluster.hapair_slots()?;
     if !slots.is_empty() {
         actions.push(Change::DropSlots(slots));
     }
@@ -230,7 +224,7 @@ fn apply(
         match change {
             Change::DropSlots(slots) => {
                 for slot in slots {
-                    drop_slot(cluster, slot)?;
+                    cluster.drop_slot(slot)?;
                 }
             }
             Change::Record => InstanceConfig::update(&args.instance_config, |config| {
@@ -241,28 +235,6 @@ fn apply(
         }
     }
     Ok(notes)
-}
-
-/// Drops a slot, ending the walsender that holds it: the pg_hba rule is
-/// gone by now, so the standby can't take it again.
-fn drop_slot(cluster: &Cluster, slot: &str) -> Result<()> {
-    let name = postgres::quote_literal(slot);
-    let dropped =
-        hapair_core::wait::until(Duration::from_secs(30), Duration::from_millis(500), || {
-            cluster
-                .query(&format!(
-                    "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
-                 WHERE slot_name = {name} AND active_pid IS NOT NULL; \
-                 SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
-                 WHERE slot_name = {name} AND NOT active"
-                ))
-                .is_ok()
-                && !cluster.has_slot(slot).unwrap_or(true)
-        });
-    if !dropped {
-        bail!("the replication slot {slot} is still in use after 30 s; is the standby still connected?");
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -105,11 +105,10 @@ fn cluster_preflight(args: Args, ctx: &mut Context) -> Result<Outcome> {
         bail!(
             "{} and {} both say they are the primary (cluster.replication_mode): each may have \
              taken writes of its own, and setting the pair up now would re-seed one and lose \
-             them. Stop the application's writes to the host whose writes you give up, back it \
-             up, run playbooks/break.yml, then run ha_setup.yml with the host you keep in the \
-             primary group",
+             them. To go on: {}",
             facts.hostname,
-            peer.hostname
+            peer.hostname,
+            instance::TWO_PRIMARIES_FIX
         );
     }
     let mismatches = compare(&facts, peer, args.size_tolerance_percent);

@@ -207,6 +207,9 @@ fn sync_files(args: Args, ctx: &mut Context) -> Result<Outcome> {
     let mut totals = Stats::default();
     let synced = format!("the files already match {primary}'s");
     let outcome = plan.run(ctx, synced, |plan, ctx| {
+        if plan.files.changes(Path::new(TIMER_ARGS)) {
+            instance::ensure_config_dir(Path::new(TIMER_ARGS))?;
+        }
         plan.files.apply()?;
         for change in &plan.actions {
             match change {

@@ -45,6 +45,22 @@ pub const UNPROTECT_HINT: &str = "if this host's data may be replaced, back it u
      instance_conf '{\"key\": \"cluster.protected_instance\", \"value\": false}' on it \
      (the seed's `alation_conf alation.cluster.protected_instance -s False`)";
 
+/// The way out of two primaries (both hosts' `cluster.replication_mode`
+/// primary, both taking writes), for the monitor and the set-up's refusal.
+pub const TWO_PRIMARIES_FIX: &str = "stop the application's writes to the host whose writes \
+     you give up; back it up; run playbooks/break.yml, then playbooks/ha_setup.yml with the \
+     host you keep in the primary group (it re-seeds the other from it)";
+
+/// Makes the directory of `path` (a file of hapair's own, such as
+/// /etc/hapair/instance.json) when it is missing, root's, mode 0755.
+pub fn ensure_config_dir(path: &Path) -> Result<()> {
+    let dir = files::parent_of(path);
+    if files::state(&dir)?.is_none() {
+        files::ensure_dir(&dir, DIR_MODE, None)?;
+    }
+    Ok(())
+}
+
 /// The type of a known key's value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -339,10 +355,8 @@ impl InstanceConfig {
     /// Takes the config's lock for a read-modify-write, creating the config
     /// directory if needed. Held until the returned file is dropped.
     pub fn lock(path: &Path) -> Result<File> {
-        let dir = path.parent().unwrap_or(Path::new("."));
-        if files::state(dir)?.is_none() {
-            files::ensure_dir(dir, DIR_MODE, None)?;
-        }
+        ensure_config_dir(path)?;
+        let dir = files::parent_of(path);
         let name = path.file_name().unwrap_or_default().to_string_lossy();
         let lock_path = dir.join(format!(".{name}.lock"));
         let lock = File::options()

@@ -190,7 +190,7 @@ fn query_json(cluster: &Cluster, sql: &str) -> Result<Value> {
 /// On a primary, each standby (`pg_stat_replication`) and each slot's
 /// retained WAL; on a standby, its WAL receiver and replay.
 fn postgres(cluster: &Cluster) -> Result<Value> {
-    let standby = cluster.query("SELECT pg_is_in_recovery()")? == "t";
+    let standby = cluster.in_recovery()?;
     if !standby {
         let standbys = query_json(
             cluster,

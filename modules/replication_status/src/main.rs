@@ -140,7 +140,7 @@ fn replication_status(args: Args, ctx: &mut Context) -> Result<Outcome> {
     let mut outcome = plan
         .run(ctx, format!("{role}: {}", summary.join("; ")), |plan, _| {
             // /etc/hapair, on a host where nothing else of hapair ran yet.
-            files::ensure_dir(&files::parent_of(Path::new(MONITOR_ARGS)), 0o755, None)?;
+            instance::ensure_config_dir(Path::new(MONITOR_ARGS))?;
             plan.files.apply()?;
             for change in &plan.actions {
                 match change {

@@ -43,6 +43,22 @@ impl Families {
         }
     }
 
+    /// A family with a sample per item of `items` that has a value.
+    fn each<'a>(
+        &mut self,
+        name: &str,
+        help: &str,
+        items: &[Value],
+        labels: impl Fn(&Value) -> Vec<(&'a str, String)>,
+        value: impl Fn(&Value) -> Option<f64>,
+    ) {
+        let samples: Vec<_> = items
+            .iter()
+            .filter_map(|item| Some((labels(item), value(item)?)))
+            .collect();
+        self.gauge(name, help, &samples);
+    }
+
     /// A family of one unlabelled gauge, when the value is there.
     fn single(&mut self, name: &str, help: &str, value: Option<f64>) {
         if let Some(value) = value {
@@ -144,43 +160,35 @@ fn postgres(out: &mut Families, pg: &Value) {
             ("state", text(&s["state"])),
         ]
     };
-    let lag: Vec<_> = standbys
-        .iter()
-        .filter_map(|s| Some((labels(s), s["lag_bytes"].as_f64()?)))
-        .collect();
-    out.gauge(
+    out.each(
         "pg_stat_replication_pg_wal_lsn_diff",
         "Bytes of WAL the standby has not replayed yet, from pg_stat_replication.",
-        &lag,
+        standbys,
+        labels,
+        |s| s["lag_bytes"].as_f64(),
     );
-    let replay: Vec<_> = standbys
-        .iter()
-        .filter_map(|s| Some((labels(s), s["replay_lag_seconds"].as_f64()?)))
-        .collect();
-    out.gauge(
+    out.each(
         "hapair_postgres_replay_lag_seconds",
         "pg_stat_replication's replay_lag of each standby, in seconds.",
-        &replay,
+        standbys,
+        labels,
+        |s| s["replay_lag_seconds"].as_f64(),
     );
     let slots = list(&pg["slots"]);
     let slot_labels = |s: &Value| vec![("slot_name", text(&s["name"]))];
-    let retained: Vec<_> = slots
-        .iter()
-        .filter_map(|s| Some((slot_labels(s), s["retained_bytes"].as_f64()?)))
-        .collect();
-    out.gauge(
+    out.each(
         "pg_replication_slots_pg_wal_lsn_diff",
         "Bytes of WAL the replication slot holds back.",
-        &retained,
+        slots,
+        slot_labels,
+        |s| s["retained_bytes"].as_f64(),
     );
-    let active: Vec<_> = slots
-        .iter()
-        .map(|s| (slot_labels(s), flag(s["active"] == true)))
-        .collect();
-    out.gauge(
+    out.each(
         "pg_replication_slots_active",
         "Whether a standby is using the replication slot.",
-        &active,
+        slots,
+        slot_labels,
+        |s| Some(flag(s["active"] == true)),
     );
     let receiver = &pg["receiver"];
     if role == "standby" {
@@ -236,23 +244,19 @@ fn redis(out: &mut Families, kv: &Value) {
                     ("slave_state", text(&r["state"])),
                 ]
             };
-            let offsets: Vec<_> = replicas
-                .iter()
-                .filter_map(|r| Some((labels(r), r["offset"].as_f64()?)))
-                .collect();
-            out.gauge(
+            out.each(
                 "redis_connected_slave_offset_bytes",
                 "Each replica's replication offset.",
-                &offsets,
+                replicas,
+                labels,
+                |r| r["offset"].as_f64(),
             );
-            let lag: Vec<_> = replicas
-                .iter()
-                .filter_map(|r| Some((labels(r), r["lag_bytes"].as_f64()?)))
-                .collect();
-            out.gauge(
+            out.each(
                 "hapair_kvstore_replica_lag_bytes",
                 "Bytes of the primary's replication stream each replica has not acknowledged.",
-                &lag,
+                replicas,
+                labels,
+                |r| r["lag_bytes"].as_f64(),
             );
         }
         Some("replica") => {

@@ -452,9 +452,7 @@ fn two_primaries(pair: &PairView, report: &Map<String, Value>) -> Value {
     }
     json!({
         "problem": "both hosts are primaries and take writes: their data part ways",
-        "fix": "stop the application's writes to the host whose writes you give up; back it \
-                up; run playbooks/break.yml, then playbooks/ha_setup.yml with the host you keep \
-                in the primary group (it re-seeds the other from it)",
+        "fix": crate::instance::TWO_PRIMARIES_FIX,
     })
 }
 

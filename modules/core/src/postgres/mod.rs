@@ -229,6 +229,11 @@ impl Cluster {
             .context("pg_controldata shows no system identifier")
     }
 
+    /// Whether the server is a standby (in recovery).
+    pub fn in_recovery(&self) -> Result<bool> {
+        Ok(self.query("SELECT pg_is_in_recovery()")? == "t")
+    }
+
     /// hapair's drop-in: the last word on the settings it holds.
     pub fn dropin(&self) -> PathBuf {
         self.config_dir.join("conf.d").join("hapair.conf")
@@ -439,6 +444,40 @@ impl Cluster {
             quote_literal(name)
         ))?;
         Ok(found == "1")
+    }
+
+    /// The replication slots hapair made ([`slot_name_for`]'s names).
+    pub fn hapair_slots(&self) -> Result<Vec<String>> {
+        Ok(self
+            .query("SELECT slot_name FROM pg_replication_slots WHERE slot_name LIKE 'hapair\\_%'")?
+            .lines()
+            .map(str::to_string)
+            .collect())
+    }
+
+    /// Drops the slot `name`, ending the walsender that holds it. Callers
+    /// first take away what lets the standby in again (its pg_hba rule),
+    /// or it takes the slot back.
+    pub fn drop_slot(&self, name: &str) -> Result<()> {
+        let literal = quote_literal(name);
+        let dropped =
+            crate::wait::until(Duration::from_secs(30), Duration::from_millis(500), || {
+                self.query(&format!(
+                    "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+                 WHERE slot_name = {literal} AND active_pid IS NOT NULL; \
+                 SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                 WHERE slot_name = {literal} AND NOT active"
+                ))
+                .is_ok()
+                    && !self.has_slot(name).unwrap_or(true)
+            });
+        if !dropped {
+            bail!(
+                "the replication slot {name} is still in use after 30 s; is the standby still \
+                 connected?"
+            );
+        }
+        Ok(())
     }
 
     /// Whether the server takes TLS connections (`ssl = on`): the
