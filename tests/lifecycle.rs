@@ -226,7 +226,7 @@ fn two_primaries(fleet: &Fleet) -> Result<()> {
         if !report["two_primaries"]["fix"]
             .as_str()
             .unwrap_or("")
-            .contains("break.yml")
+            .contains("rejoin.yml")
         {
             bail!("the report names no way out: {report}");
         }
@@ -254,7 +254,7 @@ fn two_primaries(fleet: &Fleet) -> Result<()> {
         "ha_setup.yml",
         &["-e", "hapair_confirm_unsafe_steps=true"],
     )?;
-    if refused.succeeded || !refused.output.contains("both say they are the primary") {
+    if refused.succeeded || !refused.output.contains("Two primaries") {
         bail!(
             "ha_setup.yml did not refuse two primaries:\n{}",
             refused.output

@@ -214,6 +214,16 @@ impl Fleet {
         repo_root().join("target/fleet").join(&self.name)
     }
 
+    /// A variable of the fleet's inventory (`[all:vars]`), such as the
+    /// pair's passwords it was made with.
+    pub fn inventory_var(&self, name: &str) -> Result<String> {
+        let text = std::fs::read_to_string(self.inventory())?;
+        text.lines()
+            .find_map(|line| line.strip_prefix(&format!("{name}=")))
+            .map(str::to_string)
+            .with_context(|| format!("the fleet's inventory sets no {name}"))
+    }
+
     pub fn inventory(&self) -> PathBuf {
         repo_root()
             .join("inventory")
@@ -272,6 +282,20 @@ impl Host {
             );
         }
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// Starts a shell script (bash) on the host as root and returns at once,
+    /// its stdout piped: for writers that run beside a test's steps. The
+    /// script ends itself (a stop file, say): killing `docker exec` would
+    /// leave it running on the host.
+    pub fn spawn_sh(&self, script: &str) -> Result<std::process::Child> {
+        Command::new("docker")
+            .args(["exec", &self.container(), "bash", "-c", script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("can't run docker exec")
     }
 
     /// Whether a shell script exits 0 on the host.

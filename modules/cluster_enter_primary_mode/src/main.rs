@@ -151,6 +151,7 @@ fn cluster_enter_primary_mode(args: Args, ctx: &mut Context) -> Result<Outcome> 
             }
             Some(_) => RoleState::OtherPassword,
         },
+        can_rewind: role.is_some() && cluster.role_can_rewind(&args.replication_user)?,
         kafka_login_works: kafka.login_works(&files)?,
         mode: InstanceConfig::load(&args.instance_config)?.replication_mode(),
     };
@@ -188,6 +189,7 @@ fn cluster_enter_primary_mode(args: Args, ctx: &mut Context) -> Result<Outcome> 
                         &args.replication_password,
                         *exists,
                     )?,
+                    Change::RewindGrants => cluster.grant_rewind(&args.replication_user)?,
                     // Restarts Kafka first when its configuration changed.
                     Change::KafkaLogin => {}
                     Change::Mode => InstanceConfig::update(&args.instance_config, |config| {
@@ -222,6 +224,8 @@ enum RoleState {
 /// What step 4 finds, besides the files.
 struct Observed {
     role: RoleState,
+    /// Whether the role may run what pg_rewind asks of its source.
+    can_rewind: bool,
     kafka_login_works: bool,
     mode: ReplicationMode,
 }
@@ -231,6 +235,9 @@ struct Observed {
 enum Change {
     /// Create the replication role, or set its password (`exists`).
     Role { exists: bool },
+    /// Let the role run pg_rewind's functions: once this host's standby is
+    /// the primary, the old primary rewinds from it with this role.
+    RewindGrants,
     /// Set the pair's Kafka login (and prove it).
     KafkaLogin,
     /// Record `cluster.replication_mode = primary`.
@@ -242,6 +249,7 @@ impl Action for Change {
         match self {
             Change::Role { exists: true } => "update the replication role".into(),
             Change::Role { exists: false } => "create the replication role".into(),
+            Change::RewindGrants => "let the replication role serve pg_rewind".into(),
             Change::KafkaLogin => "set the pair's Kafka login".into(),
             Change::Mode => "set cluster.replication_mode = primary".into(),
         }
@@ -255,6 +263,9 @@ fn plan(files: FilePlan, observed: &Observed) -> Plan<Change> {
         RoleState::Current => {}
         RoleState::Missing => plan.push(Change::Role { exists: false }),
         RoleState::OtherPassword => plan.push(Change::Role { exists: true }),
+    }
+    if !observed.can_rewind {
+        plan.push(Change::RewindGrants);
     }
     if !observed.kafka_login_works {
         plan.push(Change::KafkaLogin);
@@ -312,6 +323,7 @@ mod tests {
     fn only_what_differs_is_planned_in_order() {
         let observed = |role, kafka_login_works, mode| Observed {
             role,
+            can_rewind: role != RoleState::Missing,
             kafka_login_works,
             mode,
         };
@@ -322,6 +334,7 @@ mod tests {
             plan(FilePlan::default(), &fresh).actions,
             vec![
                 Change::Role { exists: false },
+                Change::RewindGrants,
                 Change::KafkaLogin,
                 Change::Mode
             ]

@@ -16,16 +16,16 @@
 //! nothing. The cluster's keys and `cluster.hosts` stay, as the seed's
 //! failover keeps them.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
+use hapair_core::detach::{Detach, Follower};
 use hapair_core::files::{self, FilePlan};
 use hapair_core::instance::{self, InstanceConfig, ReplicationMode};
 use hapair_core::postgres::{self, Cluster};
 use hapair_core::redis::{self, Server};
-use hapair_core::services::{self, Unit};
-use hapair_core::{kafka, protocol, rsync, Action, Context, Outcome, Plan, Secret, Spec};
+use hapair_core::{protocol, Action, Context, Outcome, Plan, Secret, Spec};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -60,17 +60,8 @@ fn main() -> ExitCode {
     protocol::run(&SPEC, cluster_enter_standalone_mode)
 }
 
-/// A standby's settings in its drop-in, and a replica's in Redis's
-/// include: what makes each follow the other host.
-const STANDBY_SETTINGS: [&str; 2] = ["primary_conninfo", "primary_slot_name"];
-const REPLICA_SETTINGS: [&str; 2] = ["replicaof", "replica-read-only"];
-
 enum Change {
-    RemoveTimer,
-    RemoveMirrorMaker,
-    StopReplica,
-    Promote,
-    RemovePassfile(PathBuf),
+    Detach(Detach),
     DropSlots(Vec<String>),
     Record,
 }
@@ -78,11 +69,7 @@ enum Change {
 impl Action for Change {
     fn describe(&self) -> String {
         match self {
-            Change::RemoveTimer => format!("stop and remove {}.timer", rsync::SYNC_UNIT),
-            Change::RemoveMirrorMaker => format!("stop and remove {}", kafka::MIRRORMAKER_UNIT),
-            Change::StopReplica => "make Redis stop replicating (REPLICAOF NO ONE)".into(),
-            Change::Promote => "promote PostgreSQL (pg_promote): it takes writes".into(),
-            Change::RemovePassfile(path) => format!("remove {}", path.display()),
+            Change::Detach(detach) => detach.describe(),
             Change::DropSlots(slots) => format!("drop the replication slots {}", slots.join(", ")),
             Change::Record => "record standalone mode, protected, in the instance config".into(),
         }
@@ -94,38 +81,27 @@ fn cluster_enter_standalone_mode(args: Args, ctx: &mut Context) -> Result<Outcom
         &args.postgresql_config_dir,
         args.postgresql_port,
         &args.postgresql_unit,
+    )
+    .with_dirs(
+        args.postgresql_data_dir.clone(),
+        postgres::default_bin_dir(),
     );
     let redis = Server::local(args.redis_port, Some(args.redis_password.clone()));
+    let follower = Follower {
+        cluster: &cluster,
+        redis: &redis,
+        redis_config: &args.redis_config,
+    };
     let config = InstanceConfig::load(&args.instance_config)?;
 
     let mut files = FilePlan::default();
-    let mut actions = Vec::new();
-    // Files and the bus first: nothing is mirrored into a host that is
-    // about to take writes of its own.
-    let timer = Unit::new(format!("{}.timer", rsync::SYNC_UNIT));
-    if files::state(&timer.file())?.is_some() {
-        actions.push(Change::RemoveTimer);
-    }
-    if files::state(&Unit::new(kafka::MIRRORMAKER_UNIT).file())?.is_some() {
-        actions.push(Change::RemoveMirrorMaker);
-    }
-    let redis_role = redis.info("replication")?.get("role").cloned();
-    if redis_role.as_deref() == Some("slave") {
-        actions.push(Change::StopReplica);
-    }
-    edit_existing(
-        &mut files,
-        &redis::dropin_path(&args.redis_config),
-        &REPLICA_SETTINGS,
-    )?;
-    if cluster.in_recovery()? {
-        actions.push(Change::Promote);
-    }
-    edit_existing(&mut files, &cluster.standby_dropin(), &STANDBY_SETTINGS)?;
-    let passfile = files::parent_of(&args.postgresql_data_dir).join("hapair.pgpass");
-    if files::state(&passfile)?.is_some() {
-        actions.push(Change::RemovePassfile(passfile));
-    }
+    let mut actions: Vec<Change> = follower
+        .plan(&mut files)?
+        .into_iter()
+        .map(Change::Detach)
+        .collect();
+    // A primary: the other host's pg_hba rule goes first, so that its
+    // standby can't come back, then the slots whose WAL it no longer keeps.
     let hba = cluster.hba_file();
     let hba_state = files::existing(&hba)?;
     files.try_file(
@@ -149,89 +125,30 @@ fn cluster_enter_standalone_mode(args: Args, ctx: &mut Context) -> Result<Outcom
     }
     let was = config.replication_mode();
     let outcome = plan.run(ctx, "already standalone: nothing replicates", |plan, _| {
-        apply(plan, &args, &cluster, &redis)
+        apply(plan, &args, &follower)
     })?;
     Ok(outcome.with("was", was.as_str()).with("role", "standalone"))
 }
 
-/// Plans `path` without the lines setting `keys`, when the file is there,
-/// with its own mode and owner.
-fn edit_existing(files: &mut FilePlan, path: &Path, keys: &[&str]) -> Result<()> {
-    let Some(state) = files::state(path)? else {
-        return Ok(());
-    };
-    files.file(
-        path,
-        |text| files::without_settings(text, keys),
-        state.config_mode(),
-        Some(state.owner),
-    )
-}
-
-fn apply(
-    plan: &Plan<Change>,
-    args: &Args,
-    cluster: &Cluster,
-    redis: &Server,
-) -> Result<Vec<String>> {
-    let mut notes = Vec::new();
+fn apply(plan: &Plan<Change>, args: &Args, follower: &Follower) -> Result<Vec<String>> {
     for change in &plan.actions {
-        match change {
-            Change::RemoveTimer => services::remove_unit(
-                &Unit::new(format!("{}.timer", rsync::SYNC_UNIT)),
-                &[
-                    Unit::new(format!("{}.service", rsync::SYNC_UNIT)).file(),
-                    PathBuf::from(rsync::SYNC_ARGS),
-                ],
-            )?,
-            Change::RemoveMirrorMaker => services::remove_unit(
-                &Unit::new(kafka::MIRRORMAKER_UNIT),
-                &[PathBuf::from(kafka::MIRRORMAKER_CONFIG)],
-            )?,
-            Change::StopReplica => {
-                redis.command(&["REPLICAOF", "NO", "ONE"])?;
-            }
-            Change::Promote => {
-                // Waits for the promotion to end: PostgreSQL answers t.
-                let promoted = cluster.query("SELECT pg_promote(true, 60)")?;
-                if promoted != "t" {
-                    bail!("PostgreSQL was not promoted within 60 s (pg_promote said {promoted:?}); see its log");
-                }
-            }
-            // Removed before the new pg_hba.conf is read: the standby
-            // settings are gone from the drop-in with the same reload.
-            Change::RemovePassfile(path) => {
-                let (dir, name) = files::Dir::of(path)?;
-                dir.remove_all(&name)?;
-            }
-            Change::DropSlots(_) | Change::Record => {}
+        if let Change::Detach(detach) = change {
+            follower.apply(detach)?;
         }
     }
-    // The files: Redis's include and PostgreSQL's drop-in without the
-    // settings that followed the other host, pg_hba.conf without the
-    // other host's rule; PostgreSQL reads them again.
-    plan.files.apply()?;
-    if !plan.files.changes.is_empty() {
-        let restart = cluster.reload()?;
-        if !restart.is_empty() {
-            notes.push(format!(
-                "PostgreSQL applies {} at its next restart",
-                restart.join(", ")
-            ));
-        }
-    }
+    let notes = follower.apply_files(&plan.files)?;
     for change in &plan.actions {
         match change {
             Change::DropSlots(slots) => {
                 for slot in slots {
-                    cluster.drop_slot(slot)?;
+                    follower.cluster.drop_slot(slot)?;
                 }
             }
             Change::Record => InstanceConfig::update(&args.instance_config, |config| {
                 config.set_replication_mode(ReplicationMode::Standalone)?;
                 config.set(instance::PROTECTED, Value::Bool(true))
             })?,
-            _ => {}
+            Change::Detach(_) => {}
         }
     }
     Ok(notes)

@@ -101,7 +101,7 @@ const UNIT: &str = kafka::MIRRORMAKER_UNIT;
 const CONFIG: &str = kafka::MIRRORMAKER_CONFIG;
 /// MirrorMaker's names for the two clusters.
 const SOURCE: &str = kafka::MIRRORMAKER_SOURCE;
-const TARGET: &str = "secondary";
+const TARGET: &str = kafka::MIRRORMAKER_TARGET;
 
 fn main() -> ExitCode {
     protocol::run(&SPEC, cluster_start_kafka_sync)
@@ -267,6 +267,9 @@ fn mirrormaker_properties(args: &Args, primary: Ipv4Addr, login: &Login) -> Resu
          emit.heartbeats.enabled = true\n\
          refresh.topics.interval.seconds = {refresh}\n\
          refresh.groups.interval.seconds = {refresh}\n\
+         # How often the mirrored positions are committed (60 s by default):\n\
+         # the monitor's lag and a planned failover's catch-up read them.\n\
+         offset.flush.interval.ms = 2000\n\
          # A one-broker cluster on each side.\n\
          replication.factor = 1\n\
          checkpoints.topic.replication.factor = 1\n\

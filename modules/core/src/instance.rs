@@ -48,8 +48,8 @@ pub const UNPROTECT_HINT: &str = "if this host's data may be replaced, back it u
 /// The way out of two primaries (both hosts' `cluster.replication_mode`
 /// primary, both taking writes), for the monitor and the set-up's refusal.
 pub const TWO_PRIMARIES_FIX: &str = "stop the application's writes to the host whose writes \
-     you give up; back it up; run playbooks/break.yml, then playbooks/ha_setup.yml with the \
-     host you keep in the primary group (it re-seeds the other from it)";
+     you give up, and make it rejoin the other: playbooks/rejoin.yml -e hapair_rejoin=<that \
+     host> (cluster_rejoin: pg_rewind, its discarded writes reported)";
 
 /// Makes the directory of `path` (a file of hapair's own, such as
 /// /etc/hapair/instance.json) when it is missing, root's, mode 0755.
@@ -109,7 +109,7 @@ pub const KEYS: &[KeySpec] = &[
     },
     KeySpec {
         name: REPLICATION_MODE,
-        kind: Kind::Choice(&["standalone", "primary", "secondary"]),
+        kind: Kind::Choice(&["standalone", "primary", "secondary", "fenced"]),
         default: Some("\"standalone\""),
         safety_relevant: true,
     },
@@ -296,6 +296,9 @@ pub enum ReplicationMode {
     Standalone,
     Primary,
     Secondary,
+    /// The primary before a failover: its writes stopped, its services
+    /// kept from serving until `cluster_rejoin` makes it the secondary.
+    Fenced,
 }
 
 impl ReplicationMode {
@@ -304,6 +307,7 @@ impl ReplicationMode {
             ReplicationMode::Standalone => "standalone",
             ReplicationMode::Primary => "primary",
             ReplicationMode::Secondary => "secondary",
+            ReplicationMode::Fenced => "fenced",
         }
     }
 }
@@ -417,6 +421,7 @@ impl InstanceConfig {
         match self.stored(REPLICATION_MODE).and_then(Value::as_str) {
             Some("primary") => ReplicationMode::Primary,
             Some("secondary") => ReplicationMode::Secondary,
+            Some("fenced") => ReplicationMode::Fenced,
             _ => ReplicationMode::Standalone,
         }
     }

@@ -53,6 +53,8 @@ pub const MIRRORMAKER_CONFIG: &str = "/etc/hapair/mirrormaker.properties";
 /// heartbeats arrive as `primary.heartbeats`, and it keeps the source
 /// offsets it has mirrored in `mm2-offsets.primary.internal`.
 pub const MIRRORMAKER_SOURCE: &str = "primary";
+/// MirrorMaker's name for this host's cluster, the target.
+pub const MIRRORMAKER_TARGET: &str = "secondary";
 
 /// The pair listener's name in `listeners`.
 pub const PAIR_LISTENER: &str = "PAIR";
@@ -268,6 +270,25 @@ impl Tools {
         Ok(parse_topic_offsets(&out.stdout))
     }
 
+    /// The topics at `bootstrap` whose whole name matches `pattern` (a Java
+    /// regex, read by Kafka itself as MirrorMaker reads its `topics`),
+    /// internal topics left out.
+    pub fn topics_matching(
+        &self,
+        bootstrap: &str,
+        login: Option<&Login>,
+        pattern: &str,
+    ) -> Result<Vec<String>> {
+        let args = ["--list", "--exclude-internal", "--topic", pattern];
+        let out = self.run_client("kafka-topics.sh", bootstrap, &args, login)?;
+        Ok(out
+            .stdout
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect())
+    }
+
     /// Each partition's end offset at `bootstrap`, logged in with `login`
     /// when given.
     pub fn partition_end_offsets(
@@ -339,6 +360,60 @@ impl Tools {
         Ok(())
     }
 
+    /// The cluster-wide default of the broker setting `key`, as set
+    /// dynamically through the loopback listener at `local` (`None` when
+    /// not set that way).
+    pub fn broker_default(&self, local: &str, key: &str) -> Result<Option<String>> {
+        let out = self
+            .tool("kafka-configs.sh")
+            .args(["--bootstrap-server", local, "--describe"])
+            .args(["--entity-type", "brokers", "--entity-default"])
+            .run()?;
+        Ok(parse_broker_default(&out.stdout, key))
+    }
+
+    /// Sets (`Some`) or removes (`None`) the cluster-wide default of the
+    /// broker setting `key`, through the loopback listener at `local`.
+    /// Brokers apply it at once, without a restart.
+    pub fn set_broker_default(&self, local: &str, key: &str, value: Option<&str>) -> Result<()> {
+        let tool = self
+            .tool("kafka-configs.sh")
+            .args(["--bootstrap-server", local, "--alter"])
+            .args(["--entity-type", "brokers", "--entity-default"]);
+        match value {
+            Some(value) => tool.args(["--add-config", &format!("{key}={value}")]),
+            None => tool.args(["--delete-config", key]),
+        }
+        .run()?;
+        Ok(())
+    }
+
+    /// Deletes `topics` through the loopback listener at `local`, and
+    /// waits until each is gone or, recreated by a producer's request
+    /// (`auto.create.topics.enable`), empty.
+    pub fn delete_topics(&self, local: &str, topics: &[String]) -> Result<()> {
+        if topics.is_empty() {
+            return Ok(());
+        }
+        self.tool("kafka-topics.sh")
+            .args(["--bootstrap-server", local, "--delete", "--topic"])
+            .arg(exact_topics_pattern(topics)?)
+            .run()?;
+        let gone = crate::wait::until(
+            std::time::Duration::from_secs(60),
+            std::time::Duration::from_millis(500),
+            || {
+                self.all_end_offsets(local, None)
+                    .map(|left| !topics.iter().any(|t| left.get(t).is_some_and(|&n| n > 0)))
+                    .unwrap_or(false)
+            },
+        );
+        if !gone {
+            bail!("Kafka still holds records of the deleted topics 60 s after their deletion");
+        }
+        Ok(())
+    }
+
     /// Runs `use_file` on a file holding `text` (a password: never on a
     /// command line) in root's directory, readable by Kafka's group only,
     /// and removed after.
@@ -375,6 +450,33 @@ impl Tools {
         }
         Ok(parse_end_offsets(&out.stdout))
     }
+}
+
+/// The value of `key` among kafka-configs' `--describe` lines for the
+/// brokers' defaults (`  key=value sensitive=false synonyms={...}`).
+pub fn parse_broker_default(text: &str, key: &str) -> Option<String> {
+    text.lines().find_map(|line| {
+        let (name, rest) = line.trim().split_once('=')?;
+        (name == key).then(|| rest.split(' ').next().unwrap_or("").to_string())
+    })
+}
+
+/// A `--topic` pattern (Kafka reads a regular expression) matching exactly
+/// `topics`. Topic names hold only letters, digits, `.`, `_` and `-`; any
+/// other name is refused rather than quoted.
+pub fn exact_topics_pattern(topics: &[String]) -> Result<String> {
+    let mut names = Vec::new();
+    for topic in topics {
+        if topic.is_empty()
+            || !topic
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            bail!("{topic:?} is not a Kafka topic name");
+        }
+        names.push(topic.replace('.', "\\."));
+    }
+    Ok(format!("^({})$", names.join("|")))
 }
 
 /// Each topic's sum of its partitions' `topic:partition:offset` lines
@@ -677,6 +779,31 @@ pub fn property_value(what: &str, value: &str) -> Result<String> {
     })
 }
 
+/// Whether MirrorMaker leaves `topic` out whatever its `topics` say: its
+/// default `topics.exclude` (`.*[\-\.]internal`, `.*\.replica`, `__.*`),
+/// which keeps its own topics, such as the offset syncs it writes into the
+/// source, from being mirrored.
+pub fn excluded_from_mirroring(topic: &str) -> bool {
+    topic.ends_with(".internal")
+        || topic.ends_with("-internal")
+        || topic.ends_with(".replica")
+        || topic.starts_with("__")
+}
+
+/// A value [`property_value`] wrote, read back as Java does: each
+/// backslash escapes the character after it.
+pub fn property_unescaped(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    let mut chars = value.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => out.extend(chars.next()),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Whether `line` assigns `key` (`key=value`, `key = value`, `key: value`).
 fn assigns(line: &str, key: &str) -> bool {
     line.trim_start()
@@ -710,6 +837,31 @@ pub fn with_property(text: &str, key: &str, value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn property_values_read_back_as_written() {
+        for value in [r"heartbeats|orders\..*", " lead", r"a\\b", "plain"] {
+            assert_eq!(
+                property_unescaped(&property_value("x", value).unwrap()),
+                value
+            );
+        }
+    }
+
+    #[test]
+    fn broker_defaults_and_topic_patterns() {
+        let text = "Default configs for brokers in the cluster are:\n  message.max.bytes=0 \
+                    sensitive=false synonyms={DYNAMIC_DEFAULT_BROKER_CONFIG:message.max.bytes=0}\n";
+        assert_eq!(
+            parse_broker_default(text, "message.max.bytes").as_deref(),
+            Some("0")
+        );
+        assert_eq!(parse_broker_default(text, "max.message"), None);
+        let topics = vec!["a.b".to_string(), "c_d-1".to_string()];
+        assert_eq!(exact_topics_pattern(&topics).unwrap(), "^(a\\.b|c_d-1)$");
+        assert!(exact_topics_pattern(&["a|.*".to_string()]).is_err());
+        assert!(exact_topics_pattern(&[String::new()]).is_err());
+    }
 
     #[test]
     fn property_values_read_back_as_given() {

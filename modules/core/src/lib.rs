@@ -10,11 +10,15 @@
 //!   accident, and the scrubbing of secrets from every output.
 //! - [`instance`]: the instance config (`/etc/hapair/instance.json`), the
 //!   keys it knows and their types.
+//! - [`fence`]: an old primary's writes stopped and kept stopped until it
+//!   rejoins.
 //! - [`files`]: atomic writes with owner and mode, and the file state that
 //!   idempotency compares against.
 //! - [`command`]: running external programs with captured output and errors
 //!   that say what ran and what it printed.
 //! - [`account`]: the cluster's OS account.
+//! - [`detach`]: a follower that stops following: what breaking the pair
+//!   and a failover share.
 //! - [`ssh`]: the pair's SSH keys, authorized_keys and pinned host keys.
 //! - [`wait`]: waiting for a condition, with a deadline.
 //! - [`net`]: this host's addresses, and probes of a peer's ports.
@@ -38,8 +42,10 @@
 
 pub mod account;
 pub mod command;
+pub mod detach;
 #[cfg(feature = "doc-check")]
 pub mod doc_check;
+pub mod fence;
 pub mod files;
 pub mod instance;
 pub mod kafka;

@@ -312,6 +312,9 @@ fn event_bus(sources: &Sources) -> Result<Value> {
     };
     match role {
         ReplicationMode::Standalone => Ok(unknown("this host is standalone: it mirrors nothing")),
+        ReplicationMode::Fenced => Ok(unknown(
+            "this host is fenced after a failover: it mirrors nothing until cluster_rejoin",
+        )),
         ReplicationMode::Secondary => {
             let unit = crate::services::Unit::new(crate::kafka::MIRRORMAKER_UNIT);
             if !unit.is_active()? {

@@ -567,7 +567,7 @@ mod tests {
             &view("primary", Some(peer("primary", "primary"))),
             &report("primary"),
         );
-        assert!(two["fix"].as_str().unwrap().contains("break.yml"));
+        assert!(two["fix"].as_str().unwrap().contains("cluster_rejoin"));
         // A broken pair: both standalone, both writable, as meant.
         let broken = view("standalone", Some(peer("standalone", "primary")));
         assert_eq!(two_primaries(&broken, &report("primary")), json!(false));

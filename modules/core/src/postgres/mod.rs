@@ -8,6 +8,7 @@
 //! SCRAM-SHA-256 verifiers computed here, so the password itself never
 //! reaches the server or its logs.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ use crate::command::Command;
 use crate::secret::Secret;
 use crate::services::Unit;
 
+pub mod rewind;
 pub mod standby;
 
 // Defaults of the options every PostgreSQL step takes: Debian's layout of
@@ -216,17 +218,44 @@ impl Cluster {
     /// live one, or a copy's), read by pg_controldata as postgres (the
     /// directory is postgres's).
     pub fn control_system_identifier(&self, data_dir: &Path) -> Result<String> {
+        self.control_data(data_dir)?
+            .remove("Database system identifier")
+            .context("pg_controldata shows no system identifier")
+    }
+
+    /// `data_dir`'s control file as pg_controldata shows it, field by
+    /// field ("Database cluster state", "Latest checkpoint location", ...).
+    pub fn control_data(&self, data_dir: &Path) -> Result<BTreeMap<String, String>> {
         let out = Command::new("runuser")
             .args(["-u", "postgres", "--"])
             .arg(self.bin_dir.join("pg_controldata"))
             .arg(data_dir)
             .env("LC_ALL", "C")
             .run()?;
-        out.stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("Database system identifier:"))
-            .map(|id| id.trim().to_string())
-            .context("pg_controldata shows no system identifier")
+        Ok(parse_control_data(&out.stdout))
+    }
+
+    /// Where a cleanly stopped cluster's WAL ends: its shutdown checkpoint.
+    /// An error when the cluster did not shut down cleanly (crashed, or
+    /// still running): its WAL may go on past any checkpoint.
+    pub fn shutdown_checkpoint(&self) -> Result<Lsn> {
+        let control = self.control_data(&self.data_dir)?;
+        let state = control
+            .get("Database cluster state")
+            .map(String::as_str)
+            .unwrap_or("unknown");
+        if state != "shut down" {
+            bail!(
+                "PostgreSQL's data directory {} is {state:?}, not \"shut down\": it did not \
+                 stop cleanly",
+                self.data_dir.display()
+            );
+        }
+        Lsn::parse(
+            control
+                .get("Latest checkpoint location")
+                .context("pg_controldata shows no checkpoint location")?,
+        )
     }
 
     /// Whether the server is a standby (in recovery).
@@ -333,6 +362,33 @@ impl Cluster {
             "{verb} ROLE {} WITH REPLICATION LOGIN PASSWORD {}",
             quote_ident(role.as_str()),
             quote_literal(&verifier)
+        ))?;
+        Ok(())
+    }
+
+    /// Whether `role` may run what pg_rewind asks of its source server.
+    pub fn role_can_rewind(&self, role: &RoleName) -> Result<bool> {
+        let checks: Vec<String> = REWIND_FUNCTIONS
+            .iter()
+            .map(|function| {
+                format!(
+                    "has_function_privilege({}, {}, 'EXECUTE')",
+                    quote_literal(role.as_str()),
+                    quote_literal(function)
+                )
+            })
+            .collect();
+        Ok(self.query(&format!("SELECT {}", checks.join(" AND ")))? == "t")
+    }
+
+    /// Lets `role` run what pg_rewind asks of its source server: after a
+    /// failover this host's standby becomes that source, and the role is
+    /// replicated to it with these rights.
+    pub fn grant_rewind(&self, role: &RoleName) -> Result<()> {
+        self.query(&format!(
+            "GRANT EXECUTE ON FUNCTION {} TO {}",
+            REWIND_FUNCTIONS.join(", "),
+            quote_ident(role.as_str())
         ))?;
         Ok(())
     }
@@ -502,8 +558,50 @@ pub const HBA_BEGIN: &str =
     "# BEGIN hapair: replication from the secondary (cluster_add_secondary)";
 pub const HBA_END: &str = "# END hapair";
 
-/// `pg_hba.conf` text with hapair's block holding exactly one rule: `role`
-/// may replicate from `secondary`/32, over TLS only, with scram-sha-256.
+/// The functions pg_rewind runs on its source server, which a role
+/// without superuser needs the right to execute (PostgreSQL's pg_rewind
+/// documentation).
+pub const REWIND_FUNCTIONS: [&str; 4] = [
+    "pg_catalog.pg_ls_dir(text, boolean, boolean)",
+    "pg_catalog.pg_stat_file(text, boolean)",
+    "pg_catalog.pg_read_binary_file(text)",
+    "pg_catalog.pg_read_binary_file(text, bigint, bigint, boolean)",
+];
+
+/// A WAL position: `16/B374D848` as PostgreSQL writes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Lsn(pub u64);
+
+impl Lsn {
+    pub fn parse(text: &str) -> Result<Lsn> {
+        let text = text.trim();
+        let parsed = text.split_once('/').and_then(|(high, low)| {
+            let high = u32::from_str_radix(high, 16).ok()?;
+            let low = u32::from_str_radix(low, 16).ok()?;
+            Some(Lsn((u64::from(high) << 32) | u64::from(low)))
+        });
+        parsed.with_context(|| format!("{text:?} is not a WAL position such as 0/3000060"))
+    }
+}
+
+impl std::fmt::Display for Lsn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xffff_ffff)
+    }
+}
+
+/// pg_controldata's `Name:   value` lines, by name.
+pub fn parse_control_data(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_string(), value.trim().to_string()))
+        .collect()
+}
+
+/// `pg_hba.conf` text with hapair's block holding exactly the secondary's
+/// rules: `role` may replicate from `secondary`/32, and connect to the
+/// `postgres` database (pg_rewind's source connection, once roles swap),
+/// over TLS only, with scram-sha-256.
 /// The block goes first (the first matching rule wins) and replaces any
 /// earlier block. Broken markers (a BEGIN without its END, an END alone, a
 /// second block) are an error: lines are never dropped on a guess.
@@ -513,8 +611,9 @@ pub fn hba_with_replication_rule(
     secondary: std::net::Ipv4Addr,
 ) -> Result<String> {
     let block = format!(
-        "{HBA_BEGIN}\nhostssl replication     {}    {secondary}/32    scram-sha-256\n{HBA_END}\n",
-        quote_ident(role.as_str())
+        "{HBA_BEGIN}\nhostssl replication     {role}    {secondary}/32    scram-sha-256\n\
+         hostssl postgres        {role}    {secondary}/32    scram-sha-256\n{HBA_END}\n",
+        role = quote_ident(role.as_str())
     );
     Ok(format!("{block}{}", hba_without_replication_rule(text)?))
 }
@@ -665,6 +764,22 @@ mod tests {
     }
 
     #[test]
+    fn wal_positions_parse_order_and_print_as_postgresql_writes_them() {
+        let a = Lsn::parse("16/B374D848").unwrap();
+        assert_eq!(a.0, 0x16_B374_D848);
+        assert_eq!(a.to_string(), "16/B374D848");
+        assert!(Lsn::parse("0/3000060").unwrap() < Lsn::parse("1/0").unwrap());
+        for bad in ["", "16", "x/1", "1/2/3", "100000000/0"] {
+            assert!(Lsn::parse(bad).is_err(), "{bad}");
+        }
+        let control = parse_control_data(
+            "Database cluster state:               shut down\nLatest checkpoint location:           0/3000060\n",
+        );
+        assert_eq!(control["Database cluster state"], "shut down");
+        assert_eq!(control["Latest checkpoint location"], "0/3000060");
+    }
+
+    #[test]
     fn the_hba_block_is_first_holds_one_rule_and_replaces_an_old_one() {
         let debian = "local   all   postgres   peer\nhost all all 127.0.0.1/32 scram-sha-256\n";
         let a = std::net::Ipv4Addr::new(10, 0, 0, 2);
@@ -672,7 +787,10 @@ mod tests {
         let once = hba_with_replication_rule(debian, &role, a).unwrap();
         assert_eq!(
             once,
-            format!("{HBA_BEGIN}\nhostssl replication     \"hapair_replication\"    10.0.0.2/32    scram-sha-256\n{HBA_END}\n{debian}")
+            format!(
+                "{HBA_BEGIN}\nhostssl replication     \"hapair_replication\"    10.0.0.2/32    scram-sha-256\n\
+                 hostssl postgres        \"hapair_replication\"    10.0.0.2/32    scram-sha-256\n{HBA_END}\n{debian}"
+            )
         );
         assert_eq!(hba_with_replication_rule(&once, &role, a).unwrap(), once);
         let moved =
