@@ -68,10 +68,11 @@ test-unit: ## Unit tests of the core and the modules (no hosts)
 test-fleet: venv stage image ## Module and end-to-end tests on fleet hosts
 	cargo test -p hapair-tests --tests
 
-bench: stage image ## Step 8's copy against tar, Redis's 1 GiB sync, MirrorMaker's catch-up, the monitor's latency
+bench: stage image ## Step 8's copy against tar, Redis's 1 GiB sync, MirrorMaker's catch-up, the monitor's latency, rejoin by rewind against a full copy
 	cargo bench -p hapair-tests --bench bench_copy
 	cargo bench -p hapair-tests --bench bench_sync
 	cargo bench -p hapair-tests --bench bench_monitor
+	cargo bench -p hapair-tests --bench bench_rejoin
 
 FUZZ_SECONDS ?= 120
 fuzz: ## Fuzz every parser and config editor, FUZZ_SECONDS each (cargo fuzz, nightly)

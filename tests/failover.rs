@@ -43,9 +43,10 @@ fn main() -> ExitCode {
 
 const CONFIRM: &str = "hapair_confirm_unsafe_steps=true";
 /// The application's files, pulled by the secondary; MirrorMaker looks for
-/// new topics every 5 s.
-const EXTRA: &str =
-    r#"{"hapair_file_directories": ["/srv/app"], "hapair_kafka_refresh_interval": 5}"#;
+/// new topics every 5 s, the monitor measures the bus every 10 s (the
+/// verification after each rejoin waits for its measure).
+const EXTRA: &str = r#"{"hapair_file_directories": ["/srv/app"], "hapair_kafka_refresh_interval": 5,
+    "hapair_monitor_event_bus_interval": 10}"#;
 const MONITOR_PORT: u16 = 8080;
 
 fn run(fleet: &Fleet, book: &str, extra: &[&str]) -> Result<PlaybookRun> {
@@ -462,6 +463,22 @@ fn switch_back(fleet: &Fleet) -> Result<()> {
     Ok(())
 }
 
+/// Takes `primary` off the network, and waits until `secondary` sees it
+/// gone.
+fn cut_off(primary: &Host, secondary: &Host) -> Result<()> {
+    primary.cut()?;
+    wait_for(
+        "the secondary to lose its primary",
+        Duration::from_secs(60),
+        || {
+            Ok(sql(
+                secondary,
+                "select count(*) from pg_stat_wal_receiver where status = 'streaming'",
+            )? == "0")
+        },
+    )
+}
+
 /// The primary cut off; the secondary fails over; the old primary takes
 /// writes of its own meanwhile and comes back: two primaries, loudly; then
 /// it rejoins by rewind, its writes of the cut reported and gone.
@@ -489,17 +506,7 @@ fn unplanned_then_rejoin(fleet: &Fleet) -> Result<()> {
         );
     }
 
-    primary.cut()?;
-    wait_for(
-        "the secondary to lose its primary",
-        Duration::from_secs(60),
-        || {
-            Ok(sql(
-                secondary,
-                "select count(*) from pg_stat_wal_receiver where status = 'streaming'",
-            )? == "0")
-        },
-    )?;
+    cut_off(primary, secondary)?;
     // Check mode: the plan, and nothing changes.
     let check = run(fleet, "failover.yml", &["--check"])?;
     ensure_eq!(sql(secondary, "select pg_is_in_recovery()")?, "t");
@@ -594,17 +601,7 @@ fn unplanned_then_rejoin(fleet: &Fleet) -> Result<()> {
 fn rejoin_by_copy(fleet: &Fleet) -> Result<()> {
     ensure_set_up(fleet)?;
     let (primary, secondary) = roles(fleet)?;
-    primary.cut()?;
-    wait_for(
-        "the secondary to lose its primary",
-        Duration::from_secs(60),
-        || {
-            Ok(sql(
-                secondary,
-                "select count(*) from pg_stat_wal_receiver where status = 'streaming'",
-            )? == "0")
-        },
-    )?;
+    cut_off(primary, secondary)?;
     sql(
         primary,
         "insert into writes select g, 'lost' from generate_series(40000001, 40000100) g; \

@@ -169,7 +169,11 @@ fn cluster_failover(args: Args, ctx: &mut Context) -> Result<Outcome> {
         );
     }
     let mut files = FilePlan::default();
-    let detach = follower.plan(&mut files)?;
+    let mut detach = follower.plan(&mut files)?;
+    // Once this host has every write, PostgreSQL and Redis take writes
+    // first: the application's outage ends there. MirrorMaker and the file
+    // timer have nothing left to bring from a fenced or lost primary.
+    detach.sort_by_key(|action| !matches!(action, Detach::Promote | Detach::StopReplica));
     let promoting = detach.contains(&Detach::Promote);
     let mut plan = Plan::new(files);
     if final_.is_some() && !detach.is_empty() {
@@ -205,9 +209,20 @@ fn cluster_failover(args: Args, ctx: &mut Context) -> Result<Outcome> {
     };
 
     let mut caught_up = None;
+    let mut writable_after = None;
+    let started = Instant::now();
     let outcome = plan.run(ctx, "already the primary", |plan, ctx| {
         let mut notes = Vec::new();
         for change in &plan.actions {
+            // PostgreSQL and Redis come first: past them, this host takes
+            // the application's writes.
+            let writable = !matches!(
+                change,
+                Change::CatchUp | Change::Detach(Detach::Promote | Detach::StopReplica)
+            );
+            if writable && writable_after.is_none() {
+                writable_after = Some(started.elapsed().as_secs_f64());
+            }
             match change {
                 Change::CatchUp => {
                     let final_ = final_.as_ref().context("a planned failover's positions")?;
@@ -247,6 +262,11 @@ fn cluster_failover(args: Args, ctx: &mut Context) -> Result<Outcome> {
         );
     if let Some(seconds) = caught_up {
         outcome = outcome.with("catch_up_seconds", seconds);
+    }
+    if let Some(seconds) = writable_after {
+        outcome = outcome
+            .with("writable_after_seconds", seconds)
+            .with("seconds", started.elapsed().as_secs_f64());
     }
     if let Some(window) = window {
         outcome = outcome.with("loss_window", window);
@@ -292,6 +312,7 @@ fn catch_up(
     let started = Instant::now();
     let timeout = args.catch_up_timeout.duration();
     let mut waiting = String::new();
+    let bus = FencedBus::read(args, final_)?;
     let mut check = || -> Result<bool> {
         let replayed = Lsn::parse(&cluster.query("SELECT pg_last_wal_replay_lsn()")?)?;
         // The shutdown checkpoint's record starts at final_lsn: replayed
@@ -315,7 +336,8 @@ fn catch_up(
                 return Ok(false);
             }
         }
-        if let Some(behind) = bus_behind(args, final_)? {
+        if let Some(bus) = &bus {
+            let behind = bus.behind()?;
             if behind > 0 {
                 waiting =
                     format!("MirrorMaker has {behind} records of the primary still to mirror");
@@ -353,47 +375,66 @@ fn catch_up(
     Ok(started.elapsed().as_secs_f64())
 }
 
-/// Records of the primary's mirrored topics MirrorMaker has not committed
-/// here yet; `None` when nothing mirrors the bus here.
-fn bus_behind(args: &Args, final_: &Final) -> Result<Option<u64>> {
-    let Some(config) = files::read_optional(PathBuf::from(kafka::MIRRORMAKER_CONFIG).as_path())?
-    else {
-        return Ok(None);
-    };
-    let (bootstrap, login) = final_.kafka.as_ref().context(
-        "MirrorMaker mirrors the bus here: a planned failover needs kafka_password to read the \
-         primary's end offsets",
-    )?;
-    let key = format!(
-        "{}->{}.topics",
-        kafka::MIRRORMAKER_SOURCE,
-        kafka::MIRRORMAKER_TARGET
-    );
-    let pattern = kafka::property(&config, &key)
-        .map(|p| kafka::property_unescaped(&p))
-        .context("MirrorMaker's configuration names no topics")?;
-    let tools = kafka::Tools {
-        home: files::clean_path("kafka_home", &args.kafka_home)?,
-        run_as: args.kafka_run_as.clone(),
-    };
-    let mirrored_topics: Vec<String> = tools
-        .topics_matching(bootstrap, Some(login), &pattern)?
-        .into_iter()
-        .filter(|topic| !kafka::excluded_from_mirroring(topic))
-        .collect();
-    let source: kafka::PartitionOffsets = tools
-        .partition_end_offsets(bootstrap, Some(login))?
-        .into_iter()
-        .filter(|((topic, _), _)| mirrored_topics.contains(topic))
-        .collect();
-    let local = format!("127.0.0.1:{}", args.kafka_port);
-    let mirrored = tools.mirrored_offsets(&local, kafka::MIRRORMAKER_SOURCE)?;
-    Ok(Some(
-        kafka::not_yet_mirrored(&source, &mirrored)
+/// The fenced primary's bus, as MirrorMaker here must have it: its end
+/// offsets, final since the fence, for the topics MirrorMaker mirrors.
+struct FencedBus {
+    tools: kafka::Tools,
+    local: String,
+    end: kafka::PartitionOffsets,
+}
+
+impl FencedBus {
+    /// `None` when nothing mirrors the bus here.
+    fn read(args: &Args, final_: &Final) -> Result<Option<FencedBus>> {
+        let config_path = PathBuf::from(kafka::MIRRORMAKER_CONFIG);
+        let Some(config) = files::read_optional(&config_path)? else {
+            return Ok(None);
+        };
+        let (bootstrap, login) = final_.kafka.as_ref().context(
+            "MirrorMaker mirrors the bus here: a planned failover needs kafka_password to read \
+             the primary's end offsets",
+        )?;
+        let key = format!(
+            "{}->{}.topics",
+            kafka::MIRRORMAKER_SOURCE,
+            kafka::MIRRORMAKER_TARGET
+        );
+        let pattern = kafka::property(&config, &key)
+            .map(|p| kafka::property_unescaped(&p))
+            .context("MirrorMaker's configuration names no topics")?;
+        let tools = kafka::Tools {
+            home: files::clean_path("kafka_home", &args.kafka_home)?,
+            run_as: args.kafka_run_as.clone(),
+        };
+        let mirrored: Vec<String> = tools
+            .topics_matching(bootstrap, Some(login), &pattern)?
+            .into_iter()
+            // Heartbeats are MirrorMaker's, not the application's: a
+            // switchover waits for none of them.
+            .filter(|topic| !kafka::excluded_from_mirroring(topic) && !kafka::is_heartbeats(topic))
+            .collect();
+        let end = tools
+            .partition_end_offsets(bootstrap, Some(login))?
+            .into_iter()
+            .filter(|((topic, _), _)| mirrored.contains(topic))
+            .collect();
+        Ok(Some(FencedBus {
+            tools,
+            local: format!("127.0.0.1:{}", args.kafka_port),
+            end,
+        }))
+    }
+
+    /// Records MirrorMaker has not committed here yet.
+    fn behind(&self) -> Result<u64> {
+        let mirrored = self
+            .tools
+            .mirrored_offsets(&self.local, kafka::MIRRORMAKER_SOURCE)?;
+        Ok(kafka::not_yet_mirrored(&self.end, &mirrored)
             .values()
             .map(|(_, behind)| behind)
-            .sum(),
-    ))
+            .sum())
+    }
 }
 
 /// What an unplanned failover may lose: this host's last positions, read

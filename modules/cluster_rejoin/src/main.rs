@@ -33,9 +33,7 @@ use hapair_core::fence::{self, Record};
 use hapair_core::files::{self, FilePlan};
 use hapair_core::instance::{self, InstanceConfig, ReplicationMode};
 use hapair_core::postgres::rewind::{self, Rewind};
-use hapair_core::postgres::standby::{
-    passfile_line, standby_settings, Replaced, Standby, STANDBY_DROPIN,
-};
+use hapair_core::postgres::standby::{Replaced, Standby};
 use hapair_core::postgres::{self, Cluster, Lsn, RoleName, Upstream};
 use hapair_core::protocol::Seconds;
 use hapair_core::services::{self, Unit};
@@ -78,6 +76,10 @@ pub(crate) struct Args {
     topics: String,
     #[serde(default = "default_stream_timeout")]
     stream_timeout: Seconds,
+    /// false: never rewind; step 8 copies the new primary anew (keeping
+    /// this data aside until the copy streams).
+    #[serde(default = "default_rewind")]
+    rewind: bool,
     #[serde(default = "postgres::default_config_dir")]
     postgresql_config_dir: PathBuf,
     #[serde(default = "postgres::default_data_dir")]
@@ -96,6 +98,9 @@ pub(crate) struct Args {
 
 fn default_topics() -> String {
     ".*".into()
+}
+fn default_rewind() -> bool {
+    true
 }
 fn default_stream_timeout() -> Seconds {
     Seconds::new(120)
@@ -207,22 +212,13 @@ fn cluster_rejoin(args: Args, ctx: &mut Context) -> Result<Outcome> {
     // PostgreSQL's files: the standby's passfile, settings and signal, as
     // step 8 writes them. Written even when the rewind can't be done: the
     // old data then starts only as a standby, never as a second primary.
-    let owner = files::existing(&cluster.data_dir)?.owner;
-    let passfile = files::parent_of(&cluster.data_dir).join("hapair.pgpass");
     let mut files = FilePlan::default();
-    files.secret_file(
-        &passfile,
-        |_| passfile_line(&standby.upstream),
-        0o600,
-        Some(owner),
-    )?;
-    let settings = standby_settings(&standby.upstream, &standby.slot, &passfile, address)?;
-    files.file(&standby.dropin, |_| settings, 0o644, Some(owner))?;
+    standby.plan_files(&mut files, address)?;
     files.file(
         &cluster.data_dir.join("standby.signal"),
         |_| String::new(),
         0o600,
-        Some(owner),
+        Some(standby.owner),
     )?;
 
     let tools = kafka::Tools {
@@ -257,7 +253,10 @@ fn cluster_rejoin(args: Args, ctx: &mut Context) -> Result<Outcome> {
         );
     }
     let target_end = cluster.shutdown_checkpoint()?;
-    let rewind = rewind::rewind(cluster, &standby.upstream, true)?;
+    let rewind = match args.rewind {
+        true => rewind::rewind(cluster, &standby.upstream, true)?,
+        false => Rewind::Impossible("rewind is false: a full copy was asked for".into()),
+    };
     let discarded = discarded_wal(&rewind, target_end);
     let rewinds = !matches!(rewind, Rewind::Impossible(_));
     plan.push(Change::Rewind(rewind));
@@ -283,24 +282,21 @@ fn standby(args: &Args, primary: Ipv4Addr, address: Ipv4Addr) -> Result<Standby>
     let data_dir = files::clean_path("postgresql_data_dir", &args.postgresql_data_dir)?;
     let config_dir = files::clean_path("postgresql_config_dir", &args.postgresql_config_dir)?;
     let bin_dir = files::clean_path("postgresql_bin_dir", &args.postgresql_bin_dir)?;
-    Ok(Standby {
-        slot: postgres::slot_name_for(address),
-        cluster: Cluster::new(&config_dir, args.postgresql_port, &args.postgresql_unit)
+    Ok(Standby::new(
+        Cluster::new(&config_dir, args.postgresql_port, &args.postgresql_unit)
             .with_dirs(data_dir.clone(), bin_dir),
-        upstream: Upstream {
+        Upstream {
             host: primary,
             port: args.postgresql_port,
             user: args.replication_user.clone(),
             password: args.replication_password.clone(),
         },
-        dropin: config_dir.join("conf.d").join(STANDBY_DROPIN),
-        record_dir: files::parent_of(&args.instance_config),
-        max_rate: None,
-        stream_timeout: args.stream_timeout.duration(),
-        primary,
-        owner: files::existing(&data_dir)?.owner,
-        data: Replaced::open(&data_dir)?,
-    })
+        address,
+        Replaced::open(&data_dir)?,
+        files::existing(&data_dir)?.owner,
+        &args.instance_config,
+        args.stream_timeout.duration(),
+    ))
 }
 
 /// What the rewind throws away: the WAL this host wrote from where the
@@ -398,6 +394,7 @@ fn apply(
                 notes.push("step 8 copies the new primary anew".into());
             }
             Change::Rewind(_) => {
+                let started = std::time::Instant::now();
                 if let Err(e) = rewind::rewind(cluster, &standby.upstream, false) {
                     // What is left can't run; the standby files keep it
                     // from starting as a primary, and step 8 copies anew.
@@ -409,6 +406,10 @@ fn apply(
                 }
                 plan.files.apply()?;
                 rewinds = true;
+                notes.push(format!(
+                    "rewound in {:.1} s",
+                    started.elapsed().as_secs_f64()
+                ));
             }
             Change::Unfence => {
                 let record = fence::record_path(&args.instance_config);

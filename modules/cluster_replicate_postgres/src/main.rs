@@ -34,8 +34,7 @@ use hapair_core::files::{self, FilePlan};
 use hapair_core::instance::{self, InstanceConfig, ReplicationMode};
 use hapair_core::lock::RunLock;
 use hapair_core::postgres::standby::{
-    check_rate, passfile_line, repoint_tablespaces, standby_settings, CopyRecord, Replaced,
-    Standby, NEW, OLD, STANDBY_DROPIN,
+    check_rate, repoint_tablespaces, CopyRecord, Replaced, Standby, NEW, OLD,
 };
 use hapair_core::postgres::{self, Cluster, RoleName, Upstream};
 use hapair_core::protocol::Seconds;
@@ -124,37 +123,27 @@ fn cluster_replicate_postgres(args: Args, ctx: &mut Context) -> Result<Outcome> 
             data_dir.display()
         ),
     };
-    let standby = Standby {
-        slot: postgres::slot_name_for(address),
-        cluster: Cluster::new(&config_dir, args.postgresql_port, &args.postgresql_unit)
+    let mut standby = Standby::new(
+        Cluster::new(&config_dir, args.postgresql_port, &args.postgresql_unit)
             .with_dirs(data_dir.clone(), bin_dir),
-        upstream: Upstream {
+        Upstream {
             host: primary,
             port: args.postgresql_port,
             user: args.replication_user.clone(),
             password: args.replication_password.clone(),
         },
-        dropin: config_dir.join("conf.d").join(STANDBY_DROPIN),
-        record_dir: files::parent_of(&args.instance_config),
-        max_rate: args.max_rate.clone(),
-        stream_timeout: args.stream_timeout.duration(),
-        primary,
+        address,
         data,
-        owner: postgres_owner,
-    };
+        postgres_owner,
+        &args.instance_config,
+        args.stream_timeout.duration(),
+    );
+    standby.max_rate = args.max_rate.clone();
 
     // The standby's files: a passfile for primary_conninfo (no password in
     // the configuration) and the standby settings.
-    let passfile = files::parent_of(&data_dir).join("hapair.pgpass");
     let mut files = FilePlan::default();
-    files.secret_file(
-        &passfile,
-        |_| passfile_line(&standby.upstream),
-        0o600,
-        Some(postgres_owner),
-    )?;
-    let settings = standby_settings(&standby.upstream, &standby.slot, &passfile, address)?;
-    files.file(&standby.dropin, |_| settings, 0o644, Some(postgres_owner))?;
+    standby.plan_files(&mut files, address)?;
 
     // One run at a time, from here on: even the recovery below must not
     // race a run that is swapping. Check mode changes nothing, and takes

@@ -303,7 +303,8 @@ impl Tools {
     /// The source offsets MirrorMaker has committed for `source`'s
     /// partitions, from its offsets topic on the cluster at `bootstrap`
     /// (the secondary's): read whole, the last record of each partition
-    /// wins.
+    /// wins. The reader stops 1 s after the last record: one stopped early
+    /// sees older positions, which only ever reads as more to mirror.
     pub fn mirrored_offsets(&self, bootstrap: &str, source: &str) -> Result<PartitionOffsets> {
         let topic = format!("mm2-offsets.{source}.internal");
         let out = self.run_client(
@@ -314,11 +315,15 @@ impl Tools {
                 &topic,
                 "--from-beginning",
                 "--timeout-ms",
-                "3000",
+                "1000",
                 "--property",
                 "print.key=true",
                 "--property",
                 "key.separator=\t",
+                // Never created by reading it: MirrorMaker makes it
+                // compacted, and refuses one a reader made first.
+                "--consumer-property",
+                "allow.auto.create.topics=false",
             ],
             None,
         )?;
@@ -788,6 +793,13 @@ pub fn excluded_from_mirroring(topic: &str) -> bool {
         || topic.ends_with("-internal")
         || topic.ends_with(".replica")
         || topic.starts_with("__")
+}
+
+/// Whether `topic` holds MirrorMaker's heartbeats (`heartbeats`, and
+/// `primary.heartbeats` ... as mirrored ones are named): its own proof of
+/// the flow, not the application's records.
+pub fn is_heartbeats(topic: &str) -> bool {
+    topic == "heartbeats" || topic.ends_with(".heartbeats")
 }
 
 /// A value [`property_value`] wrote, read back as Java does: each

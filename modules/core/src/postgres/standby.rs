@@ -167,6 +167,51 @@ pub struct Standby {
 }
 
 impl Standby {
+    /// This host (at `address` on the pair's network) as a standby of
+    /// `upstream`, through its slot there: its data, owned by `owner`, and
+    /// the copy record beside `instance_config`.
+    pub fn new(
+        cluster: Cluster,
+        upstream: Upstream,
+        address: Ipv4Addr,
+        data: Replaced,
+        owner: Owner,
+        instance_config: &Path,
+        stream_timeout: Duration,
+    ) -> Standby {
+        Standby {
+            slot: super::slot_name_for(address),
+            dropin: cluster.standby_dropin(),
+            primary: upstream.host,
+            record_dir: files::parent_of(instance_config),
+            max_rate: None,
+            cluster,
+            upstream,
+            data,
+            owner,
+            stream_timeout,
+        }
+    }
+
+    /// The passfile `primary_conninfo` names, beside the data directory: no
+    /// password in the configuration.
+    pub fn passfile(&self) -> PathBuf {
+        files::parent_of(&self.data.path).join("hapair.pgpass")
+    }
+
+    /// Plans the standby's passfile and settings (listening on `address`).
+    pub fn plan_files(&self, files: &mut files::FilePlan, address: Ipv4Addr) -> Result<()> {
+        let passfile = self.passfile();
+        files.secret_file(
+            &passfile,
+            |_| passfile_line(&self.upstream),
+            0o600,
+            Some(self.owner),
+        )?;
+        let settings = standby_settings(&self.upstream, &self.slot, &passfile, address)?;
+        files.file(&self.dropin, |_| settings, 0o644, Some(self.owner))
+    }
+
     /// Whether this host streams from the primary through its slot.
     pub fn streams(&self) -> Result<bool> {
         Ok(self
