@@ -65,8 +65,19 @@ test: test-unit test-fleet ## Run every test: unit, then modules and playbooks o
 test-unit: ## Unit tests of the core and the modules (no hosts)
 	cargo test --workspace --exclude hapair-tests
 
+# The failover suite, the longest, runs beside the others: every suite has
+# hosts and a subnet of its own. Its output follows theirs, in one piece.
+SUITES := $(filter-out failover bench_%,$(basename $(notdir $(wildcard tests/*.rs))))
+
 test-fleet: venv stage image ## Module and end-to-end tests on fleet hosts
-	cargo test -p hapair-tests --tests
+	cargo test -p hapair-tests --tests --no-run
+	@mkdir -p target/fleet
+	@cargo test -p hapair-tests --test failover >target/fleet/failover-suite.log 2>&1 & failover=$$!; \
+	cargo test -p hapair-tests $(addprefix --test ,$(SUITES)); others=$$?; \
+	wait $$failover; failed_over=$$?; \
+	echo "---- the failover suite, run beside the others ----"; \
+	cat target/fleet/failover-suite.log; \
+	[ $$others -eq 0 ] && [ $$failed_over -eq 0 ]
 
 bench: stage image ## Step 8's copy against tar, Redis's 1 GiB sync, MirrorMaker's catch-up, the monitor's latency, rejoin by rewind against a full copy
 	cargo bench -p hapair-tests --bench bench_copy

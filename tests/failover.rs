@@ -367,7 +367,7 @@ fn switchover_once(fleet: &Fleet, round: u32) -> Result<()> {
     std::thread::sleep(Duration::from_secs(8));
 
     let started = Instant::now();
-    let switched = run(fleet, "switchover.yml", &["-e", CONFIRM])?;
+    let switched = run(fleet, "switchover.yml", &["-v", "-e", CONFIRM])?;
     let seconds = started.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_secs(2));
     let old = on_primary.stop(fleet)?;
@@ -403,11 +403,13 @@ fn switchover_once(fleet: &Fleet, round: u32) -> Result<()> {
     ensure_eq!(report["healthy"], true);
 
     println!(
-        "switchover {round}: {} -> {}: playbook {seconds:.1} s; write outage: PostgreSQL {:?} ms, \
-         Redis {:?} ms, Kafka {:?} ms; acknowledged on the old primary: {} rows, {} keys, {} \
-         messages",
+        "switchover {round}: {} -> {}: playbook {seconds:.1} s; cluster_failover: every write \
+         here after {} s, writable after {} s; write outage: PostgreSQL {:?} ms, Redis {:?} ms, \
+         Kafka {:?} ms; acknowledged on the old primary: {} rows, {} keys, {} messages",
         primary.name,
         secondary.name,
+        figure(&switched.output, "\"catch_up_seconds\": "),
+        figure(&switched.output, "\"writable_after_seconds\": "),
         outage(&old.rows, &new.rows),
         outage(&old.keys, &new.keys),
         old.messages
@@ -440,6 +442,20 @@ fn switchover_once(fleet: &Fleet, round: u32) -> Result<()> {
     .ok()?;
     ensure_eq!(again.changed(), false);
     Ok(())
+}
+
+/// The number after `key` in a verbose run's output, as printed.
+fn figure(output: &str, key: &str) -> String {
+    output
+        .split(key)
+        .nth(1)
+        .map(|rest| {
+            rest.chars()
+                .take_while(|c| c.is_ascii_digit() || *c == '.')
+                .take(6)
+                .collect()
+        })
+        .unwrap_or_else(|| "?".into())
 }
 
 fn monitor_report(host: &Host) -> Result<Value> {
@@ -508,9 +524,9 @@ fn unplanned_then_rejoin(fleet: &Fleet) -> Result<()> {
 
     cut_off(primary, secondary)?;
     // Check mode: the plan, and nothing changes.
-    let check = run(fleet, "failover.yml", &["--check"])?;
+    let check = run(fleet, "failover.yml", &["--check", "-v"])?;
     ensure_eq!(sql(secondary, "select pg_is_in_recovery()")?, "t");
-    if !check.output.contains("would promote PostgreSQL") {
+    if !check.output.contains("\"msg\": \"would ") || !check.output.contains("promote PostgreSQL") {
         bail!("failover.yml --check shows no plan:\n{}", check.output);
     }
     // The old primary, cut off, takes writes no one else sees.
@@ -521,7 +537,7 @@ fn unplanned_then_rejoin(fleet: &Fleet) -> Result<()> {
     let started = Instant::now();
     let failed_over = run(fleet, "failover.yml", &["-e", CONFIRM])?;
     let seconds = started.elapsed().as_secs_f64();
-    if !failed_over.output.contains("replayed_lsn") {
+    if !failed_over.output.contains("replayed_lsn") || !failed_over.output.contains("\"behind\"") {
         bail!(
             "failover.yml reported no loss window:\n{}",
             failed_over.output
@@ -561,7 +577,7 @@ fn unplanned_then_rejoin(fleet: &Fleet) -> Result<()> {
             refused.output
         );
     }
-    let rejoin = format!("hapair_rejoin={}", primary.name);
+    let rejoin = format!("hapair_rejoin={}-{}", primary.fleet, primary.name);
     let started = Instant::now();
     let rejoined = run(fleet, "rejoin.yml", &["-e", CONFIRM, "-e", &rejoin])?.ok()?;
     let seconds = started.elapsed().as_secs_f64();
@@ -623,7 +639,7 @@ fn rejoin_by_copy(fleet: &Fleet) -> Result<()> {
                 sed -n 's/^Latest checkpoint.s REDO WAL file: *//p') && \
          for f in 0000000*; do [ \"$f\" \\< \"$redo\" ] && [ ${#f} -eq 24 ] && rm -f \"$f\"; done; true",
     )?;
-    let rejoin = format!("hapair_rejoin={}", primary.name);
+    let rejoin = format!("hapair_rejoin={}-{}", primary.fleet, primary.name);
     let rejoined = run(fleet, "rejoin.yml", &["-e", CONFIRM, "-e", &rejoin])?.ok()?;
     if !rejoined.output.contains("copied anew by step 8") {
         bail!(

@@ -211,7 +211,7 @@ fn cluster_failover(args: Args, ctx: &mut Context) -> Result<Outcome> {
     let mut caught_up = None;
     let mut writable_after = None;
     let started = Instant::now();
-    let outcome = plan.run(ctx, "already the primary", |plan, ctx| {
+    let outcome = plan.run(ctx, "already the primary", |plan, _| {
         let mut notes = Vec::new();
         for change in &plan.actions {
             // PostgreSQL and Redis come first: past them, this host takes
@@ -226,7 +226,7 @@ fn cluster_failover(args: Args, ctx: &mut Context) -> Result<Outcome> {
             match change {
                 Change::CatchUp => {
                     let final_ = final_.as_ref().context("a planned failover's positions")?;
-                    let seconds = catch_up(&args, &cluster, &follower, final_, ctx)?;
+                    let seconds = catch_up(&args, &cluster, &follower, final_)?;
                     notes.push(format!("every write was here after {seconds:.1} s"));
                     caught_up = Some(seconds);
                 }
@@ -302,13 +302,7 @@ fn planned_final(args: &Args) -> Result<Final> {
 /// Waits until this host has every write the fenced primary took, then a
 /// last file sync. Returns how long it took; an error, with nothing
 /// promoted, when the timeout passes first.
-fn catch_up(
-    args: &Args,
-    cluster: &Cluster,
-    follower: &Follower,
-    final_: &Final,
-    ctx: &mut Context,
-) -> Result<f64> {
+fn catch_up(args: &Args, cluster: &Cluster, follower: &Follower, final_: &Final) -> Result<f64> {
     let started = Instant::now();
     let timeout = args.catch_up_timeout.duration();
     let mut waiting = String::new();
@@ -365,12 +359,11 @@ fn catch_up(
             args.catch_up_timeout.get()
         );
     }
+    // The pair's files, when it has any: a last pull from the fenced primary.
     let sync = Unit::new(format!("{}.service", rsync::SYNC_UNIT));
     if files::state(&sync.file())?.is_some() {
         sync.start()
             .context("the last file sync from the primary failed; nothing was promoted")?;
-    } else {
-        ctx.warn("no file sync here: no files were pulled before the promotion");
     }
     Ok(started.elapsed().as_secs_f64())
 }
@@ -455,7 +448,12 @@ fn loss_window(args: &Args, cluster: &Cluster, follower: &Follower) -> Result<Va
     let info = follower.redis.info("replication")?;
     let number = |key: &str| info.get(key).and_then(|v| v.parse::<i64>().ok());
     let monitor = SocketAddr::from((Ipv4Addr::LOCALHOST, args.monitor_port));
+    // The monitor's last sample of the bus while the primary answered.
     let bus = match monitor::fetch_report(monitor, Duration::from_secs(5)) {
+        Ok(report) if report["event_bus"]["status"] == "ok" => report["event_bus"].clone(),
+        Ok(report) if report["event_bus"]["last_ok"].is_object() => {
+            report["event_bus"]["last_ok"].clone()
+        }
         Ok(report) => report["event_bus"].clone(),
         Err(e) => {
             json!({"status": "unknown", "reason": format!("the monitor did not answer: {e:#}")})

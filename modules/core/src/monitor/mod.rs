@@ -57,6 +57,9 @@ struct Measure {
     at: u64,
     /// Since when a measure is under way.
     running_since: Option<Instant>,
+    /// The last measure that was `ok`, and its time: what an unplanned
+    /// failover may lose is the lag when the primary was last seen.
+    last_ok: Option<(Value, u64)>,
 }
 
 /// A point of the history: each section's lag at one time.
@@ -166,10 +169,16 @@ impl Monitor {
             let value = status::measure(section, &self.options.sources);
             {
                 let mut measures = lock(&self.measures);
+                let at = unix_time();
+                let last_ok = match value["status"] == "ok" {
+                    true => Some((value.clone(), at)),
+                    false => measures[index].last_ok.take(),
+                };
                 measures[index] = Measure {
                     value: Some(value),
-                    at: unix_time(),
+                    at,
                     running_since: None,
+                    last_ok,
                 };
             }
             std::thread::sleep(every);
@@ -194,6 +203,12 @@ impl Monitor {
             if let (Some(object), false) = (value.as_object_mut(), hung) {
                 if measure.at > 0 {
                     object.insert("measured_at".into(), json!(measure.at));
+                }
+            }
+            if let (Some(object), Some((mut last, at))) = (value.as_object_mut(), measure.last_ok) {
+                if object.get("status") != Some(&json!("ok")) {
+                    last["measured_at"] = json!(at);
+                    object.insert("last_ok".into(), last);
                 }
             }
             report.insert(section.to_string(), value);
