@@ -48,6 +48,11 @@ pub(crate) struct Args {
     max_replication_slots: u32,
     #[serde(default = "default_max_slot_wal_keep_size")]
     max_slot_wal_keep_size: String,
+    /// WAL kept past each checkpoint, for pg_rewind: after an unplanned
+    /// failover the old primary rewinds from the last checkpoint before the
+    /// hosts parted, which its next checkpoints would otherwise recycle.
+    #[serde(default = "default_wal_keep_size")]
+    wal_keep_size: String,
     #[serde(default = "postgres::default_config_dir")]
     postgresql_config_dir: PathBuf,
     #[serde(default = "postgres::default_port")]
@@ -85,6 +90,9 @@ fn default_max_wal_senders() -> u32 {
 fn default_max_replication_slots() -> u32 {
     10
 }
+fn default_wal_keep_size() -> String {
+    "1GB".into()
+}
 fn default_max_slot_wal_keep_size() -> String {
     "10GB".into()
 }
@@ -97,15 +105,13 @@ fn cluster_enter_primary_mode(args: Args, ctx: &mut Context) -> Result<Outcome> 
     let address = instance::parse_ipv4_str("address", &args.address)?;
     net::ensure_own_address(address)
         .context("pass the address its peer reaches it at as address")?;
-    if !args
-        .max_slot_wal_keep_size
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric())
-    {
-        bail!(
-            "max_slot_wal_keep_size takes a size such as 10GB, not {:?}",
-            args.max_slot_wal_keep_size
-        );
+    for (name, size) in [
+        ("max_slot_wal_keep_size", &args.max_slot_wal_keep_size),
+        ("wal_keep_size", &args.wal_keep_size),
+    ] {
+        if size.is_empty() || !size.chars().all(|c| c.is_ascii_alphanumeric()) {
+            bail!("{name} takes a size such as 10GB, not {size:?}");
+        }
     }
     let cluster = Cluster::new(
         &args.postgresql_config_dir,
@@ -285,11 +291,16 @@ fn postgres_dropin(args: &Args, address: Ipv4Addr) -> String {
          max_replication_slots = {}\n\
          # A dead secondary's slot may hold back at most this much WAL.\n\
          max_slot_wal_keep_size = '{}'\n\
+         # pg_rewind reads back to the last checkpoint before the hosts parted.\n\
+         wal_keep_size = '{}'\n\
          hot_standby = 'on'\n\
          # pg_rewind needs it to rejoin this host as a standby after a\n\
          # failover, rather than copy the whole data directory.\n\
          wal_log_hints = 'on'\n",
-        args.max_wal_senders, args.max_replication_slots, args.max_slot_wal_keep_size
+        args.max_wal_senders,
+        args.max_replication_slots,
+        args.max_slot_wal_keep_size,
+        args.wal_keep_size
     )
 }
 
