@@ -26,7 +26,10 @@ fuzz_target!(|data: &[u8]| {
     );
     // Every line outside hapair's block is still there, in order.
     let mut inside = false;
-    let mut kept = config_lines(&once).skip(3);
+    // hapair's block comes first; what follows it is the rest, in order.
+    let mut kept = config_lines(&once)
+        .skip_while(|line| line_content(line).trim_end() != HBA_END)
+        .skip(1);
     for line in config_lines(text) {
         let marker = line_content(line).trim_end();
         if marker == HBA_BEGIN {
