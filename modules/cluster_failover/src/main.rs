@@ -395,10 +395,7 @@ impl FencedBus {
         let pattern = kafka::property(&config, &key)
             .map(|p| kafka::property_unescaped(&p))
             .context("MirrorMaker's configuration names no topics")?;
-        let tools = kafka::Tools {
-            home: files::clean_path("kafka_home", &args.kafka_home)?,
-            run_as: args.kafka_run_as.clone(),
-        };
+        let tools = kafka::Tools::new(&args.kafka_home, &args.kafka_run_as)?;
         let mirrored: Vec<String> = tools
             .topics_matching(bootstrap, Some(login), &pattern)?
             .into_iter()

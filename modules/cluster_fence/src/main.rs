@@ -122,11 +122,7 @@ fn cluster_fence(args: Args, ctx: &mut Context) -> Result<Outcome> {
     );
     let redis_unit = Unit::new(&args.redis_unit);
     let redis = Server::local(args.redis_port, Some(args.redis_password.clone()));
-    hapair_core::account::check_name(&args.kafka_run_as)?;
-    let tools = kafka::Tools {
-        home: files::clean_path("kafka_home", &args.kafka_home)?,
-        run_as: args.kafka_run_as.clone(),
-    };
+    let tools = kafka::Tools::new(&args.kafka_home, &args.kafka_run_as)?;
     let kafka_local = format!("127.0.0.1:{}", args.kafka_port);
     let record_path = fence::record_path(&args.instance_config);
     let record = Record::load(&record_path)?;

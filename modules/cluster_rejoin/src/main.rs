@@ -221,11 +221,7 @@ fn cluster_rejoin(args: Args, ctx: &mut Context) -> Result<Outcome> {
         Some(standby.owner),
     )?;
 
-    let tools = kafka::Tools {
-        home: files::clean_path("kafka_home", &args.kafka_home)?,
-        run_as: args.kafka_run_as.clone(),
-    };
-    hapair_core::account::check_name(&args.kafka_run_as)?;
+    let tools = kafka::Tools::new(&args.kafka_home, &args.kafka_run_as)?;
     let local = format!("127.0.0.1:{}", args.kafka_port);
     let login = kafka::Login::new(&args.kafka_user, &args.kafka_password)?;
     let source = format!("{primary}:{}", args.kafka_pair_port);

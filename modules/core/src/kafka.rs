@@ -214,6 +214,16 @@ pub struct Tools {
 }
 
 impl Tools {
+    /// Kafka's tools under `home`, run as `run_as`: both checked, since
+    /// root runs them (a clean absolute path, a plain account name).
+    pub fn new(home: &Path, run_as: &str) -> Result<Tools> {
+        crate::account::check_name(run_as)?;
+        Ok(Tools {
+            home: files::clean_path("kafka_home", home)?,
+            run_as: run_as.to_string(),
+        })
+    }
+
     fn tool(&self, name: &str) -> Command {
         Command::new("runuser")
             .args(["-u", &self.run_as, "--", "env", "KAFKA_HEAP_OPTS=-Xmx128m"])
