@@ -242,29 +242,27 @@ fn secondary_streams(fleet: &Fleet) -> Result<()> {
     let hba_before = primary.sh("cat /etc/postgresql/15/main/pg_hba.conf")?;
     let added = add_secondary(primary, secondary)?.ok()?;
     ensure_eq!(added.changed(), true);
-    // pg_hba gains one rule: replication, the role, the secondary's /32.
+    // pg_hba gains two rules for the role from the secondary's /32 only:
+    // replication, and the postgres database that pg_rewind reads from
+    // when this host is the one rejoining after a failover.
     let hba_after = primary.sh("cat /etc/postgresql/15/main/pg_hba.conf")?;
-    let new_lines: Vec<&str> = hba_after
+    let rules: Vec<Vec<&str>> = hba_after
         .lines()
         .filter(|l| !hba_before.lines().any(|b| b == *l))
-        .collect();
-    let rules: Vec<&str> = new_lines
-        .iter()
-        .copied()
         .filter(|l| !l.starts_with('#'))
+        .map(|l| l.split_whitespace().collect())
         .collect();
-    ensure_eq!(rules.len(), 1);
-    let words: Vec<&str> = rules[0].split_whitespace().collect();
-    ensure_eq!(
-        words,
+    let from_secondary = format!("{}/32", secondary.ip);
+    let rule = |database| {
         vec![
             "hostssl",
-            "replication",
+            database,
             "\"hapair_replication\"",
-            &format!("{}/32", secondary.ip),
-            "scram-sha-256"
+            from_secondary.as_str(),
+            "scram-sha-256",
         ]
-    );
+    };
+    ensure_eq!(rules, vec![rule("replication"), rule("postgres")]);
     // Replication runs over TLS with channel binding only: without TLS the
     // primary refuses the secondary, with the password right.
     let plain = secondary.sh_output(&format!(
