@@ -95,6 +95,9 @@ fn primary_mode(fleet: &Fleet) -> Result<()> {
     };
     ensure_eq!(show("wal_level")?.trim(), "replica");
     ensure_eq!(show("max_slot_wal_keep_size")?.trim(), "10GB");
+    // WAL back to the last checkpoint before a fork stays, so that this
+    // host can be rewound after an unplanned failover.
+    ensure_eq!(show("wal_keep_size")?.trim(), "1GB");
     ensure_eq!(show("wal_log_hints")?.trim(), "on");
     if !secondary.succeeds(&format!("nc -z -w 2 {} 5432", primary.ip))? {
         bail!("PostgreSQL does not listen on the pair's address");
