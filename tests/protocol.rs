@@ -123,3 +123,68 @@ fn a_password_of_the_wrong_type_or_shape_is_never_echoed() {
         assert!(!text.contains(shown), "{shown} shown in {text}");
     }
 }
+
+/// Runs `module` with `args` on a pty, as a person at a terminal would
+/// (`script`, from util-linux, gives it one), and returns what it printed.
+fn on_terminal(module: &str, args: &[&str]) -> (String, Option<i32>) {
+    let mut words = vec![module_binary(module).unwrap().display().to_string()];
+    words.extend(args.iter().map(|a| a.to_string()));
+    let line = words
+        .iter()
+        .map(|w| format!("'{}'", w.replace('\'', r"'\''")))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let output = Command::new("script")
+        .args(["--quiet", "--return", "--command", &line, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("`script` (util-linux) runs the module on a pty");
+    let text = String::from_utf8_lossy(&output.stdout).replace("\r\n", "\n");
+    (text, output.status.code())
+}
+
+#[test]
+fn a_person_at_a_terminal_reads_the_answer_not_json() {
+    let dir = std::env::temp_dir().join(format!("hapair-protocol-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("instance.json");
+    let options = |more: Value| {
+        let mut options = json!({"key": "cluster.hosts", "path": path});
+        options
+            .as_object_mut()
+            .unwrap()
+            .extend(more.as_object().unwrap().clone());
+        options.to_string()
+    };
+    // A read prints the value alone, as the seed's `alation_conf KEY` does.
+    let set = options(json!({"value": ["198.18.0.11", "198.18.0.12"]}));
+    let (text, code) = on_terminal("instance_conf", &[&set]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.starts_with("instance_conf: changed: set cluster.hosts"),
+        "{text}"
+    );
+    let (text, _) = on_terminal("instance_conf", &[&options(json!({}))]);
+    assert_eq!(text, "[\"198.18.0.11\",\"198.18.0.12\"]\n");
+    // --json, or a pipe, gets the one JSON object.
+    let (text, _) = on_terminal("instance_conf", &["--json", &options(json!({}))]);
+    let json: Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(json["value"], json!(["198.18.0.11", "198.18.0.12"]));
+    let piped = run(
+        "instance_conf",
+        &[OsStr::new(&options(json!({})))],
+        Stdio::piped(),
+    );
+    assert_eq!(
+        reply(&piped)["value"],
+        json!(["198.18.0.11", "198.18.0.12"])
+    );
+    // A failure is a sentence with the module's name, and exits non-zero.
+    let (text, code) = on_terminal("instance_conf", &[r#"{"key": "cluster.no_such_key"}"#]);
+    assert_eq!(code, Some(1));
+    assert!(
+        text.starts_with("instance_conf: FAILED: unknown key"),
+        "{text}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

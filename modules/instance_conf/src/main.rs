@@ -134,6 +134,13 @@ fn instance_conf(args: Args, ctx: &mut Context) -> Result<Outcome> {
         plan.files.apply()?;
         Ok(Vec::new())
     })?;
+    // Read by hand, the value alone, as the seed's `alation_conf KEY`
+    // prints it: a string bare, anything else as JSON.
+    let outcome = match (&request, after.value(&key)) {
+        (Request::Read, Some(Value::String(text))) => outcome.with_answer(text),
+        (Request::Read, Some(value)) => outcome.with_answer(value.to_string()),
+        _ => outcome,
+    };
     Ok(outcome
         .with("key", key.name)
         .with("value", after.value(&key))

@@ -23,6 +23,8 @@ pub struct Call {
     pub check: bool,
     /// `--diff` on the command line.
     pub diff: bool,
+    /// `--json`: JSON on stdout even on a terminal.
+    pub json: bool,
 }
 
 /// Where the options come from.
@@ -69,6 +71,7 @@ pub fn parse_argv(argv: &[String]) -> Result<Invocation, String> {
             "-h" | "--help" => return Ok(Invocation::Help),
             "--check" | "-C" => call.check = true,
             "--diff" | "-D" => call.diff = true,
+            "--json" => call.json = true,
             "--args-file" => {
                 let file = words.next().ok_or("--args-file needs a FILE")?;
                 args_file = Some(PathBuf::from(file));
@@ -175,12 +178,14 @@ pub fn help_text(spec: &Spec) -> String {
         String::new()
     };
     format!(
-        "Usage: {name} [--check] [--diff] '{{\"option\": value, ...}}'\n\
-         \x20      {name} [--check] [--diff] --args-file FILE\n\
+        "Usage: {name} [--check] [--diff] [--json] '{{\"option\": value, ...}}'\n\
+         \x20      {name} [--check] [--diff] [--json] --args-file FILE\n\
          \x20      {name} ARGS_FILE               (as Ansible calls it)\n\
          \x20      echo '{{...}}' | {name}\n\
          {shorthand}\n\
-         Prints one JSON object on stdout. Exit status: 0 ok, 1 failed, 2 bad arguments.\n\
+         On a terminal it prints the answer for a person: the value, the table, the summary.\n\
+         Piped, called by Ansible or with --json, it prints one JSON object on stdout.\n\
+         Exit status: 0 ok, 1 failed, 2 bad arguments.\n\
          \n\
          {}",
         spec.doc

@@ -10,13 +10,17 @@
 //!   `--check` and `--diff` do what Ansible's flags do; `--help` prints the
 //!   module's documentation.
 //!
-//! Whatever happens, the module prints exactly one JSON object on stdout:
-//! `changed`, `failed`, `msg`, the module's own return values, `diff` when
-//! diff mode is on and something changed, and `warnings`. A failure is
-//! `"failed": true` with a message that says what to do, and a non-zero exit
-//! code ([`EXIT_FAILED`], or [`EXIT_BAD_ARGS`] when the call itself was
-//! wrong). A panic is reported the same way. On a terminal, a short summary
-//! for a person also goes to stderr.
+//! For a program (Ansible, a pipe, or `--json`) the module prints exactly
+//! one JSON object on stdout: `changed`, `failed`, `msg`, the module's own
+//! return values, `diff` when diff mode is on and something changed, and
+//! `warnings`. A failure is `"failed": true` with a message that says what
+//! to do, and a non-zero exit code ([`EXIT_FAILED`], or [`EXIT_BAD_ARGS`]
+//! when the call itself was wrong). A panic is reported the same way.
+//!
+//! For a person at a terminal it prints what the seed's commands print
+//! instead: the value read, the module's table, a one-line summary (on
+//! stderr when it failed). With stdout piped and stderr a terminal, the JSON
+//! goes to the pipe and the summary to the person.
 
 mod args;
 mod input;
@@ -101,10 +105,14 @@ where
     A: DeserializeOwned,
     F: FnOnce(A, &mut Context) -> anyhow::Result<Outcome>,
 {
-    let interactive = std::io::stderr().is_terminal();
+    let terminal = Terminal {
+        stdout: std::io::stdout().is_terminal(),
+        stderr: std::io::stderr().is_terminal(),
+        stdin: std::io::stdin().is_terminal(),
+    };
     let argv = match input::utf8_argv(std::env::args_os().skip(1)) {
         Ok(argv) => argv,
-        Err(msg) => return finish(spec, Reply::bad_args(msg, interactive)),
+        Err(msg) => return finish(spec, Reply::bad_args(msg, terminal.audience(false))),
     };
     let invocation = match input::parse_argv(&argv) {
         Ok(Invocation::Help) => {
@@ -118,27 +126,46 @@ where
             };
         }
         Ok(Invocation::Run(call)) => call,
-        Err(msg) => return finish(spec, Reply::bad_args(msg, interactive)),
+        Err(msg) => return finish(spec, Reply::bad_args(msg, terminal.audience(false))),
     };
-    let stdin_is_terminal = std::io::stdin().is_terminal();
-    let reply = match input::read_options(spec, &invocation, stdin_is_terminal) {
-        Ok(options) => {
-            let terminal = Terminal {
-                stderr: interactive,
-                stdin: stdin_is_terminal,
-            };
-            execute(options, &invocation, terminal, module)
-        }
-        Err(msg) => Reply::bad_args(msg, interactive),
+    let reply = match input::read_options(spec, &invocation, terminal.stdin) {
+        Ok(options) => execute(options, &invocation, terminal, module),
+        Err(msg) => Reply::bad_args(msg, terminal.audience(invocation.json)),
     };
     finish(spec, reply)
 }
 
-/// Which of stderr and stdin are a terminal.
+/// Which of stdout, stderr and stdin are a terminal.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Terminal {
+    pub stdout: bool,
     pub stderr: bool,
     pub stdin: bool,
+}
+
+impl Terminal {
+    /// Who reads the reply of a call that is not Ansible's; `json` is the
+    /// `--json` flag.
+    pub fn audience(self, json: bool) -> Audience {
+        match (json, self.stdout, self.stderr) {
+            (true, _, _) => Audience::Program,
+            (false, true, _) => Audience::Person,
+            (false, false, true) => Audience::ProgramAndPerson,
+            (false, false, false) => Audience::Program,
+        }
+    }
+}
+
+/// Who reads what a module prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audience {
+    /// Ansible, a pipe or `--json`: the JSON on stdout, nothing else.
+    Program,
+    /// A program reads stdout, a person stderr: the JSON, and the summary
+    /// on stderr.
+    ProgramAndPerson,
+    /// A person reads both: the value, the table, the summary; no JSON.
+    Person,
 }
 
 /// The finished result of one call, before it is printed.
@@ -146,19 +173,21 @@ pub struct Terminal {
 pub struct Reply {
     pub json: Value,
     pub exit: u8,
-    /// Whether a person reads stderr (a summary is printed there).
-    pub interactive: bool,
-    /// The module's report for that person, if it has one.
+    pub audience: Audience,
+    /// The module's report for a person, if it has one.
     pub report: Option<String>,
+    /// The module's answer for a person, if it has one.
+    pub answer: Option<String>,
 }
 
 impl Reply {
-    fn bad_args(msg: String, interactive: bool) -> Reply {
+    fn bad_args(msg: String, audience: Audience) -> Reply {
         Reply {
             json: output::failure_json(&msg, &[]),
             exit: EXIT_BAD_ARGS,
-            interactive,
+            audience,
             report: None,
+            answer: None,
         }
     }
 }
@@ -175,13 +204,19 @@ where
     A: DeserializeOwned,
     F: FnOnce(A, &mut Context) -> anyhow::Result<Outcome>,
 {
-    // Over SSH Ansible runs modules on a pty: stderr looks like a terminal
-    // but is merged into stdout. Its calls carry _ansible_* keys.
+    // Over SSH Ansible runs modules on a pty: stdout and stderr look like a
+    // terminal but are merged, and read as JSON. Its calls carry _ansible_*
+    // keys.
     let from_ansible = options.keys().any(|k| k.starts_with("_ansible_"));
-    let interactive = terminal.stderr && !from_ansible;
+    let audience = if from_ansible {
+        Audience::Program
+    } else {
+        terminal.audience(invocation.json)
+    };
+    let interactive = audience != Audience::Program;
     let parsed = match args::parse::<A>(options) {
         Ok(parsed) => parsed,
-        Err(msg) => return Reply::bad_args(msg, interactive),
+        Err(msg) => return Reply::bad_args(msg, audience),
     };
     let mut ctx = Context {
         check_mode: parsed.internal.check_mode || invocation.check,
@@ -192,11 +227,12 @@ where
         warnings: parsed.warnings,
     };
     let result = catch_panic(|| module(parsed.args, &mut ctx));
-    let mut report = None;
+    let (mut report, mut answer) = (None, None);
     let (json, exit) = match result {
         Ok(Ok(mut outcome)) => {
             let exit = if outcome.failed { EXIT_FAILED } else { 0 };
             report = outcome.report.take();
+            answer = outcome.answer.take();
             (outcome.into_json(&ctx), exit)
         }
         // `{:#}` prints the whole chain of context: "what failed: why".
@@ -218,8 +254,9 @@ where
     Reply {
         json,
         exit,
-        interactive: ctx.interactive,
+        audience,
         report,
+        answer,
     }
 }
 
@@ -234,7 +271,7 @@ pub fn reply_without_module<A: DeserializeOwned>(text: &str) -> Value {
             Terminal::default(),
             |_: A, _: &mut Context| Ok(Outcome::unchanged("parsed")),
         ),
-        Err(msg) => Reply::bad_args(msg, false),
+        Err(msg) => Reply::bad_args(msg, Audience::Program),
     };
     crate::secret::scrub_value(&mut reply.json);
     reply.json
@@ -281,18 +318,33 @@ fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
     })
 }
 
-/// Prints the reply: JSON on stdout (secrets scrubbed from its values
-/// before it is serialized), and a summary for a person on stderr when it
-/// is a terminal. A result that could not be written is a failure.
+/// Prints the reply for its audience (secrets scrubbed from the JSON's
+/// values before it is serialized, and from the text for a person). A
+/// result that could not be written is a failure.
 fn finish(spec: &Spec, mut reply: Reply) -> ExitCode {
     crate::secret::scrub_value(&mut reply.json);
+    let person = || {
+        crate::secret::scrub(&output::for_person(
+            spec.name,
+            &reply.json,
+            reply.report.as_deref(),
+            reply.answer.as_deref(),
+        ))
+    };
     let mut stdout = std::io::stdout().lock();
-    let written = writeln!(stdout, "{}", reply.json).and_then(|()| stdout.flush());
-    if reply.interactive {
-        let mut summary = reply.report.clone().unwrap_or_default();
-        summary.push_str(&output::human_summary(spec.name, &reply.json));
-        let _ = std::io::stderr().write_all(crate::secret::scrub(&summary).as_bytes());
+    let written = match reply.audience {
+        Audience::Person if reply.exit == 0 => stdout.write_all(person().as_bytes()),
+        Audience::Person => {
+            let _ = std::io::stderr().write_all(person().as_bytes());
+            Ok(())
+        }
+        Audience::ProgramAndPerson => {
+            let _ = std::io::stderr().write_all(person().as_bytes());
+            writeln!(stdout, "{}", reply.json)
+        }
+        Audience::Program => writeln!(stdout, "{}", reply.json),
     }
+    .and_then(|()| stdout.flush());
     match written {
         Ok(()) => ExitCode::from(reply.exit),
         Err(_) => ExitCode::from(reply.exit.max(EXIT_FAILED)),

@@ -18,9 +18,12 @@ pub struct Outcome {
     /// One diff per file changed.
     pub diffs: Vec<Diff>,
     values: Map<String, Value>,
-    /// A report for a person at a terminal (a table, say): printed on
-    /// stderr there, and never part of the JSON.
+    /// A report for a person at a terminal (a table, say), printed before
+    /// the summary; never part of the JSON.
     pub report: Option<String>,
+    /// The answer itself for a person (a value read): printed alone, in
+    /// place of the summary. The JSON carries it as a return value too.
+    pub answer: Option<String>,
 }
 
 /// Before and after, as Ansible's `--diff` shows them.
@@ -76,6 +79,13 @@ impl Outcome {
     /// Adds a report for a person at a terminal.
     pub fn with_report(mut self, report: impl Into<String>) -> Outcome {
         self.report = Some(report.into());
+        self
+    }
+
+    /// Sets what a person at a terminal sees instead of the summary, as
+    /// `instance_conf KEY` prints just the value.
+    pub fn with_answer(mut self, answer: impl Into<String>) -> Outcome {
+        self.answer = Some(answer.into());
         self
     }
 
@@ -150,17 +160,37 @@ pub fn excerpt(text: &str) -> String {
 /// A few lines for a person at a terminal, e.g.
 /// `instance_conf: changed: cluster.protected_instance set to false`.
 pub fn human_summary(module: &str, reply: &Value) -> String {
-    let state = if reply["failed"] == true {
-        "FAILED"
+    let mut text = if reply["failed"] == true {
+        format!("{module}: FAILED: ")
     } else if reply["changed"] == true {
-        "changed"
+        format!("{module}: changed: ")
     } else {
-        "ok"
+        format!("{module}: ok: ")
     };
-    let mut text = format!(
-        "{module}: {state}: {}\n",
-        reply["msg"].as_str().unwrap_or("")
-    );
+    text.push_str(reply["msg"].as_str().unwrap_or(""));
+    text.push('\n');
+    text.push_str(&warning_lines(reply));
+    text
+}
+
+/// What a person at a terminal reads of a reply: the module's answer alone
+/// when it has one, else its report (if any) and the summary.
+pub fn for_person(
+    module: &str,
+    reply: &Value,
+    report: Option<&str>,
+    answer: Option<&str>,
+) -> String {
+    match answer {
+        Some(answer) if reply["failed"] != true => {
+            format!("{}\n{}", answer.trim_end(), warning_lines(reply))
+        }
+        _ => format!("{}{}", report.unwrap_or(""), human_summary(module, reply)),
+    }
+}
+
+fn warning_lines(reply: &Value) -> String {
+    let mut text = String::new();
     if let Some(warnings) = reply["warnings"].as_array() {
         for warning in warnings {
             text.push_str(&format!("  warning: {}\n", warning.as_str().unwrap_or("")));

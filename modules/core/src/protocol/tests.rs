@@ -36,6 +36,7 @@ fn call(options: Value, cli: &Call) -> Reply {
 /// Like [`call`], with stderr a terminal or not.
 fn call_on_terminal(options: Value, cli: &Call, terminal: bool) -> Reply {
     let terminal = Terminal {
+        stdout: terminal,
         stderr: terminal,
         stdin: terminal,
     };
@@ -294,18 +295,57 @@ fn ansible_is_never_taken_for_a_person_even_on_its_pty() {
         &Call::default(),
         true,
     );
-    assert!(!by_ansible.interactive);
+    assert_eq!(by_ansible.audience, Audience::Program);
     let by_hand = call_on_terminal(json!({"name": "x"}), &Call::default(), true);
-    assert!(by_hand.interactive);
+    assert_eq!(by_hand.audience, Audience::Person);
     let piped = call_on_terminal(json!({"name": "x"}), &Call::default(), false);
-    assert!(!piped.interactive);
+    assert_eq!(piped.audience, Audience::Program);
     let bad_by_ansible = call_on_terminal(
         json!({"nme": "x", "_ansible_diff": false}),
         &Call::default(),
         true,
     );
     assert_eq!(bad_by_ansible.exit, EXIT_BAD_ARGS);
-    assert!(!bad_by_ansible.interactive);
+    assert_eq!(bad_by_ansible.audience, Audience::Program);
+}
+
+#[test]
+fn json_goes_wherever_a_program_reads() {
+    let on = |stdout, stderr| Terminal {
+        stdout,
+        stderr,
+        stdin: false,
+    };
+    assert_eq!(on(true, true).audience(false), Audience::Person);
+    assert_eq!(on(true, false).audience(false), Audience::Person);
+    // `MODULE | jq` on a terminal: the JSON to jq, the summary to the person.
+    assert_eq!(on(false, true).audience(false), Audience::ProgramAndPerson);
+    assert_eq!(on(false, false).audience(false), Audience::Program);
+    // --json: the JSON alone, even on a terminal.
+    assert_eq!(on(true, true).audience(true), Audience::Program);
+    let Invocation::Run(call) = parse_argv(&words(&["--json", "{}"])).unwrap() else {
+        panic!("not a run");
+    };
+    assert!(call.json);
+}
+
+#[test]
+fn a_person_reads_the_answer_alone_or_the_report_and_summary() {
+    let ok = json!({"changed": false, "failed": false, "msg": "cluster.hosts is [1]"});
+    assert_eq!(
+        output::for_person("instance_conf", &ok, None, Some("[1]")),
+        "[1]\n"
+    );
+    assert_eq!(
+        output::for_person("port_check", &ok, Some("TABLE\n"), None),
+        "TABLE\nport_check: ok: cluster.hosts is [1]\n"
+    );
+    // A failure shows its message, never a stale answer.
+    let failed = json!({"changed": false, "failed": true, "msg": "no such key"});
+    assert_eq!(
+        output::for_person("instance_conf", &failed, None, Some("[1]")),
+        "instance_conf: FAILED: no such key\n"
+    );
 }
 
 #[test]
