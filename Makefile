@@ -7,6 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 ANSIBLE_PLAYBOOK := $(VENV)/bin/ansible-playbook
 LIBRARY := playbooks/library
+ACTIONS := playbooks/action_plugins
 # Every crate under modules/ but the shared core is a module.
 MODULES := $(filter-out core,$(patsubst modules/%/Cargo.toml,%,$(wildcard modules/*/Cargo.toml)))
 # `make fleet-up FLEET=name HOSTS=n NET=k` starts hosts on 198.18.k.0/24.
@@ -24,13 +25,16 @@ help: ## List the targets
 build: ## Build every module (release: small, stripped)
 	cargo build --release --workspace --bins
 
-stage: build ## Put the modules and their docs where the playbooks find them
-	@mkdir -p $(LIBRARY)
+# Each module's action is plugins/action/hapair_module.py (one round trip
+# per task: see the file), linked under the module's name.
+stage: build ## Put the modules, their docs and their action where the playbooks find them
+	@mkdir -p $(LIBRARY) $(ACTIONS)
 	@for m in $(MODULES); do \
 	  install -m 0755 target/release/$$m $(LIBRARY)/$$m && \
-	  install -m 0644 modules/$$m/$$m.yml $(LIBRARY)/$$m.yml; \
+	  install -m 0644 modules/$$m/$$m.yml $(LIBRARY)/$$m.yml && \
+	  ln -sfn ../../plugins/action/hapair_module.py $(ACTIONS)/$$m.py; \
 	done
-	@echo "staged in $(LIBRARY): $(MODULES)"
+	@echo "staged in $(LIBRARY) and $(ACTIONS): $(MODULES)"
 
 venv: $(VENV)/.installed ## Create the Python venv with ansible-core (pinned)
 $(VENV)/.installed: requirements.txt
@@ -52,13 +56,16 @@ fleet-down: ## Remove a fleet of test hosts (FLEET=demo)
 
 # The demo's hosts are throwaway test hosts made a moment ago, with no data
 # to lose: the one place where the unsafe steps are confirmed for the user.
-demo: venv stage image fleet-up ## Start a pair of test hosts and set it up with the playbook
+demo: venv stage image fleet-up ## Start a pair of test hosts, set it up, and show a write of each service arrive
 	$(ANSIBLE_PLAYBOOK) -i inventory/fleet-$(FLEET).ini playbooks/ha_setup.yml --diff \
 	  -e hapair_confirm_unsafe_steps=true
+	$(ANSIBLE_PLAYBOOK) -i inventory/fleet-$(FLEET).ini playbooks/demo.yml
 	@echo
+	@echo "Status pages:                    http://198.18.$(NET).11:8080/  http://198.18.$(NET).12:8080/"
 	@echo "Run it again (nothing changes):  $(ANSIBLE_PLAYBOOK) -i inventory/fleet-$(FLEET).ini playbooks/ha_setup.yml -e hapair_confirm_unsafe_steps=true"
-	@echo "Log in:                          ssh -F target/fleet/$(FLEET)/ssh_config 198.18.$(NET).11"
-	@echo "Remove the pair:                 make fleet-down"
+	@echo "Log in to the primary:           ssh -F target/fleet/$(FLEET)/ssh_config 198.18.$(NET).11"
+	@echo "Log in to the secondary:         ssh -F target/fleet/$(FLEET)/ssh_config 198.18.$(NET).12"
+	@echo "Remove the pair:                 make fleet-down FLEET=$(FLEET)"
 
 test: test-unit test-fleet ## Run every test: unit, then modules and playbooks on real hosts
 
@@ -98,4 +105,4 @@ lint: ## Formatting and clippy, as required before each commit
 
 clean: ## Remove build output, staged modules and fleet state
 	cargo clean
-	rm -rf $(LIBRARY) inventory/fleet-*.ini
+	rm -rf $(LIBRARY) $(ACTIONS) inventory/fleet-*.ini

@@ -45,6 +45,17 @@ impl PlaybookRun {
 const EXPECTED_WARNINGS: &[&str] = &["cluster.protected_instance is now false"];
 
 pub fn playbook(fleet: &Fleet, playbook: &str, extra: &[&str]) -> Result<PlaybookRun> {
+    playbook_with_env(fleet, playbook, extra, &[])
+}
+
+/// [`playbook`] with more environment (an `ANSIBLE_LIBRARY` of another
+/// build, say). `playbook` may also be an absolute path.
+pub fn playbook_with_env(
+    fleet: &Fleet,
+    playbook: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Result<PlaybookRun> {
     let started = Instant::now();
     let output = Command::new(venv_bin("ansible-playbook")?)
         .arg("-i")
@@ -53,6 +64,7 @@ pub fn playbook(fleet: &Fleet, playbook: &str, extra: &[&str]) -> Result<Playboo
         .args(extra)
         .env("ANSIBLE_CONFIG", repo_root().join("ansible.cfg"))
         .env("ANSIBLE_NOCOLOR", "1")
+        .envs(env.iter().copied())
         .current_dir(repo_root())
         .output()
         .context("can't run ansible-playbook")?;

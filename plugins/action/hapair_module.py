@@ -1,0 +1,145 @@
+# hapair's action plugin: one SSH round trip per module task.
+#
+# Ansible's own path for a binary module copies the binary and an args file
+# to a fresh temporary directory on every task, runs it, and removes the
+# directory: several round trips. hapair's modules are installed on each
+# host once instead, named by their SHA-256, and every task is then one
+# exec with its arguments on stdin:
+#
+#   f=/usr/local/libexec/hapair/MODULE-SHA256
+#   the file's checksum is checked, then it is exec'd; any other file
+#   (absent, replaced, a symlink) is never run: the controller's build is
+#   installed in its place, and that one runs, in the same round trip as
+#   the install.
+#
+# A changed build has another checksum, so it is installed on its next
+# task; an unchanged one never is again. The installed module is also the
+# operator's command on the host (/usr/local/sbin/MODULE), as the seed types
+# alation_conf.
+#
+# Everything Ansible users rely on stays Ansible's: check mode and diff
+# (the _ansible_* keys the module reads), become (the command is wrapped
+# like any other), no_log (the executor censors the result), the result's
+# shape (Ansible's own parser), ansible-doc (the sidecar docs in the
+# library). An async task (step 8's long copy) takes Ansible's own path.
+#
+# `make stage` links this file as playbooks/action_plugins/MODULE.py for
+# every module, which makes it the action of each.
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+
+from ansible.module_utils.common.json import Direction, get_module_encoder
+from ansible.plugins.action import ActionBase
+from ansible.utils.display import Display
+from ansible.vars.clean import remove_internal_keys
+
+display = Display()
+
+INSTALL_DIR = "/usr/local/libexec/hapair"
+COMMAND_DIR = "/usr/local/sbin"
+# Printed by the remote command when the module must be installed first.
+NOT_INSTALLED = "hapair-module-not-installed"
+
+_digests: dict[tuple[str, int, int], str] = {}
+
+
+def sha256_of(path: str) -> str:
+    """The file's SHA-256, computed once per build in this process."""
+    stat = os.stat(path)
+    key = (path, stat.st_mtime_ns, stat.st_size)
+    if key not in _digests:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _digests[key] = digest.hexdigest()
+    return _digests[key]
+
+
+def run_installed(installed: str, digest: str) -> str:
+    """Runs the installed module when its checksum is the build's; else
+    says it is not installed. Its stdin (the arguments) goes to the module."""
+    f = shlex.quote(installed)
+    check = shlex.quote(f"{digest}  {installed}")
+    return (
+        f"if [ -f {f} ] && [ ! -L {f} ] && echo {check} | sha256sum --check --status; "
+        f"then exec {f}; else echo {NOT_INSTALLED}; fi"
+    )
+
+
+def install_and_run(name: str, uploaded: str, installed: str, digest: str) -> str:
+    """Checks the upload, puts it in place (atomically, older builds of the
+    module gone), links the operator's command, and runs it."""
+    q = shlex.quote
+    tmp = q(f"{installed}.new")
+    return " && ".join(
+        [
+            "umask 022",
+            f"[ ! -L {q(INSTALL_DIR)} ]",
+            f"mkdir -p {q(INSTALL_DIR)}",
+            f"echo {q(f'{digest}  {uploaded}')} | sha256sum --check --status",
+            f"rm -f {tmp}",
+            f"cp {q(uploaded)} {tmp}",
+            f"chmod 0755 {tmp}",
+            f"mv -f {tmp} {q(installed)}",
+            f"rm -f {q(uploaded)}",
+            f"for old in {q(INSTALL_DIR)}/{q(name)}-*; do "
+            f'[ "$old" = {q(installed)} ] || rm -f "$old"; done',
+            f"ln -sfn {q(installed)} {q(f'{COMMAND_DIR}/{name}')}",
+            f"exec {q(installed)}",
+        ]
+    )
+
+
+class ActionModule(ActionBase):
+    # True would make a remote temporary directory before every task: a
+    # round trip. It is made only when a module must be installed.
+    TRANSFERS_FILES = False
+    # Step 8's and 9's long copies run async, by Ansible's own wrapper.
+    _supports_async = True
+
+    def run(self, tmp=None, task_vars=None):
+        result = super().run(tmp, task_vars)
+        del tmp
+        if task_vars is None:
+            task_vars = {}
+        if self._task.async_val:
+            # Ansible's async wrapper runs the module from its own copy.
+            wrap_async = not self._connection.has_native_async
+            result.update(self._execute_module(task_vars=task_vars, wrap_async=wrap_async))
+            return result
+
+        name = self._task.action.split(".")[-1]
+        local = self._shared_loader_obj.module_loader.find_plugin(self._task.action)
+        if local is None:
+            result.update(failed=True, msg=f"module {name} is not in the library: run `make stage`")
+            return result
+        digest = sha256_of(local)
+        installed = f"{INSTALL_DIR}/{name}-{digest}"
+
+        module_args = dict(self._task.args)
+        self._update_module_args(name, module_args, task_vars)
+        encoder = get_module_encoder("legacy", Direction.CONTROLLER_TO_MODULE)
+        in_data = json.dumps(module_args, cls=encoder)
+
+        res = self._low_level_execute_command(run_installed(installed, digest), in_data=in_data)
+        if res.get("stdout", "").strip() == NOT_INSTALLED:
+            display.vvv(f"hapair: installing {name} ({digest[:12]}) on {self._play_context.remote_addr}")
+            self._make_tmp_path()
+            uploaded = self._connection._shell.join_path(self._connection._shell.tmpdir, name)
+            self._transfer_file(local, uploaded)
+            self._fixup_perms2([self._connection._shell.tmpdir, uploaded], execute=True)
+            res = self._low_level_execute_command(
+                install_and_run(name, uploaded, installed, digest), in_data=in_data
+            )
+            self._remove_tmp_path(self._connection._shell.tmpdir)
+
+        data = self._parse_returned_data(res, "legacy")
+        remove_internal_keys(data)
+        result.update(data)
+        return result
