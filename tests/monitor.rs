@@ -141,6 +141,12 @@ fn installs(fleet: &Fleet) -> Result<()> {
 
     let again = install_monitor(host, json!({}))?;
     ensure_eq!(again.changed(), false);
+    ensure_eq!(again.json["postgres"]["status"].is_string(), true);
+    // report=false, as the set-up runs it: the same monitor, no measure.
+    let unmeasured = install_monitor(host, json!({"report": false}))?;
+    ensure_eq!(unmeasured.changed(), false);
+    ensure_eq!(unmeasured.json.get("postgres"), None);
+    ensure_eq!(unmeasured.json.get("healthy"), None);
     let since =
         host.sh("systemctl show -p ActiveEnterTimestampMonotonic --value hapair-monitor")?;
     // A changed option restarts it; the old listener is gone, the new

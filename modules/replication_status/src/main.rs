@@ -64,6 +64,15 @@ pub(crate) struct Args {
     /// Run as the monitor daemon (what its unit does), never returning.
     #[serde(default, deserialize_with = "protocol::ansible_bool")]
     serve: bool,
+    /// Measure every section and return the report (the seed's status).
+    /// false: only install or remove the monitor, which then measures on
+    /// its own (a re-run of the set-up needs no measure of its own).
+    #[serde(
+        default = "report_by_default",
+        deserialize_with = "protocol::ansible_bool",
+        skip_serializing
+    )]
+    report: bool,
     #[serde(default = "postgres::default_config_dir")]
     postgresql_config_dir: PathBuf,
     #[serde(default = "postgres::default_port")]
@@ -84,6 +93,9 @@ pub(crate) struct Args {
     instance_config: PathBuf,
 }
 
+fn report_by_default() -> bool {
+    true
+}
 fn default_timeout() -> Seconds {
     Seconds::new(10)
 }
@@ -119,26 +131,29 @@ fn replication_status(args: Args, ctx: &mut Context) -> Result<Outcome> {
         })? {}
     }
     let plan = MonitorPlan::observe(&args)?;
-    let report = status::report(&sources);
-    let healthy = status::healthy(&report);
-    let summary: Vec<String> = status::SECTIONS
-        .iter()
-        .map(|section| {
-            let value = &report[*section];
-            match value["status"].as_str() {
-                Some("unknown") => format!(
-                    "{section} unknown ({})",
-                    value["reason"].as_str().unwrap_or("")
-                ),
-                Some(state) => format!("{section} {state}"),
-                None => format!("{section} ?"),
-            }
-        })
-        .collect();
+    let report = args.report.then(|| status::report(&sources));
+    let summary = match &report {
+        Some(report) => status::SECTIONS
+            .iter()
+            .map(|section| {
+                let value = &report[*section];
+                match value["status"].as_str() {
+                    Some("unknown") => format!(
+                        "{section} unknown ({})",
+                        value["reason"].as_str().unwrap_or("")
+                    ),
+                    Some(state) => format!("{section} {state}"),
+                    None => format!("{section} ?"),
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+        None => "the monitor is as asked (not measured here: report=false)".to_string(),
+    };
     let role = InstanceConfig::load(&args.instance_config)?.replication_mode();
     let port = args.monitor_port;
     let mut outcome = plan
-        .run(ctx, format!("{role}: {}", summary.join("; ")), |plan, _| {
+        .run(ctx, format!("{role}: {summary}"), |plan, _| {
             // /etc/hapair, on a host where nothing else of hapair ran yet.
             instance::ensure_config_dir(Path::new(MONITOR_ARGS))?;
             plan.files.apply()?;
@@ -157,10 +172,12 @@ fn replication_status(args: Args, ctx: &mut Context) -> Result<Outcome> {
             }
             Ok(Vec::new())
         })?
-        .with("role", role.as_str())
-        .with("healthy", healthy);
-    for (section, value) in report {
-        outcome = outcome.with(&section, value);
+        .with("role", role.as_str());
+    if let Some(report) = report {
+        outcome = outcome.with("healthy", status::healthy(&report));
+        for (section, value) in report {
+            outcome = outcome.with(&section, value);
+        }
     }
     Ok(outcome)
 }
