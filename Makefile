@@ -86,7 +86,7 @@ test-fleet: venv stage image ## Module and end-to-end tests on fleet hosts
 	cat target/fleet/failover-suite.log; \
 	[ $$others -eq 0 ] && [ $$failed_over -eq 0 ]
 
-bench: stage image ## A task against raw, the set-up and its re-run, step 8's copy against tar, Redis's 1 GiB sync, MirrorMaker's catch-up, the monitor's latency, rejoin by rewind against a full copy
+bench: stage image ## A task against raw, the set-up, its re-run and three pairs at once, step 8's copy against tar, Redis's 1 GiB sync, MirrorMaker's catch-up, the monitor's latency, rejoin by rewind against a full copy
 	cargo bench -p hapair-tests --bench bench_tasks
 	cargo bench -p hapair-tests --bench bench_copy
 	cargo bench -p hapair-tests --bench bench_sync

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use hapair_tests::pair::sql;
+use hapair_tests::pair::{regroup_into_pairs, sql, THREE_PAIRS as PAIRS};
 use hapair_tests::playbook::playbook_with_env;
 use hapair_tests::{ensure_eq, suite, wait_for, Fleet, Host, Test};
 
@@ -21,41 +21,6 @@ fn main() -> ExitCode {
     suite("pairs", 6, 21, TESTS)
 }
 
-/// The pairs, by inventory name: primary, secondary.
-const PAIRS: [(&str, &str, &str); 3] = [
-    ("alpha", "primary", "secondary"),
-    ("beta", "host3", "host4"),
-    ("gamma", "host5", "host6"),
-];
-
-/// Regroups the fleet's inventory into three pairs, in place.
-fn three_pair_inventory(fleet: &Fleet) -> Result<()> {
-    let original = std::fs::read_to_string(fleet.inventory())?;
-    let vars = original
-        .split_once("[all:vars]")
-        .map(|(_, vars)| vars)
-        .unwrap_or_default();
-    let line = |pair: &str, host: &Host| {
-        format!(
-            "{}-{} ansible_host={} hapair_pair={pair}\n",
-            fleet.name, host.name, host.ip
-        )
-    };
-    let mut text = String::from("[primary]\n");
-    for (pair, primary, _) in PAIRS {
-        text.push_str(&line(pair, fleet.host(primary)));
-    }
-    text.push_str("[secondary]\n");
-    for (pair, _, secondary) in PAIRS {
-        text.push_str(&line(pair, fleet.host(secondary)));
-    }
-    text.push_str(&format!(
-        "[pair:children]\nprimary\nsecondary\n[all:vars]{vars}"
-    ));
-    std::fs::write(fleet.inventory(), text)?;
-    Ok(())
-}
-
 fn redis(host: &Host, password: &str, command: &str) -> Result<String> {
     Ok(host
         .sh(&format!(
@@ -66,7 +31,7 @@ fn redis(host: &Host, password: &str, command: &str) -> Result<String> {
 }
 
 fn three_pairs(fleet: &Fleet) -> Result<()> {
-    three_pair_inventory(fleet)?;
+    regroup_into_pairs(fleet, &PAIRS)?;
     let run = playbook_with_env(
         fleet,
         "ha_setup.yml",

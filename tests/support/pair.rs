@@ -5,7 +5,7 @@
 use anyhow::Result;
 use serde_json::{json, Value};
 
-use crate::{exchange_keys, Host, ModuleRun};
+use crate::{exchange_keys, Fleet, Host, ModuleRun};
 
 /// The pair's test passwords (the fleet's hosts are throwaway).
 pub const REPLICATION_PASSWORD: &str = "repl-Secret-0123456789";
@@ -230,5 +230,41 @@ pub fn produce(host: &Host, topic: &str, partitions: u32, from: u32, count: u32)
          --property parse.key=true --property key.separator=: --producer-property acks=all",
         from + count - 1
     ))?;
+    Ok(())
+}
+
+/// Three pairs of a six-host fleet, by host name: pair, primary, secondary.
+pub const THREE_PAIRS: [(&str, &str, &str); 3] = [
+    ("alpha", "primary", "secondary"),
+    ("beta", "host3", "host4"),
+    ("gamma", "host5", "host6"),
+];
+
+/// Rewrites the fleet's inventory in place as the given pairs (each host
+/// told its pair by `hapair_pair`), keeping its variables.
+pub fn regroup_into_pairs(fleet: &Fleet, pairs: &[(&str, &str, &str)]) -> Result<()> {
+    let original = std::fs::read_to_string(fleet.inventory())?;
+    let vars = original
+        .split_once("[all:vars]")
+        .map(|(_, vars)| vars)
+        .unwrap_or_default();
+    let line = |pair: &str, host: &Host| {
+        format!(
+            "{}-{} ansible_host={} hapair_pair={pair}\n",
+            fleet.name, host.name, host.ip
+        )
+    };
+    let mut text = String::from("[primary]\n");
+    for (pair, primary, _) in pairs {
+        text.push_str(&line(pair, fleet.host(primary)));
+    }
+    text.push_str("[secondary]\n");
+    for (pair, _, secondary) in pairs {
+        text.push_str(&line(pair, fleet.host(secondary)));
+    }
+    text.push_str(&format!(
+        "[pair:children]\nprimary\nsecondary\n[all:vars]{vars}"
+    ));
+    std::fs::write(fleet.inventory(), text)?;
     Ok(())
 }
