@@ -24,6 +24,10 @@ const TESTS: &[Test] = &[
         tampered,
     ),
     (
+        "a_directory_others_may_write_to_runs_nothing_and_is_refused",
+        unsafe_directory,
+    ),
+    (
         "check_mode_diff_and_no_log_work_through_the_action",
         check_diff_no_log,
     ),
@@ -173,6 +177,30 @@ fn tampered(fleet: &Fleet) -> Result<()> {
         let now = host.sh(&format!("test ! -L {path} && sha256sum < {path}"))?;
         ensure_eq!(now.split_whitespace().next(), Some(digest.as_str()));
     }
+    Ok(())
+}
+
+/// A directory another account could write to: nothing there is run, and
+/// the install refuses, saying how to fix it.
+fn unsafe_directory(fleet: &Fleet) -> Result<()> {
+    let host = fleet.host("primary");
+    run_tasks(fleet, READ_TWICE, &[], &[])?;
+    host.sh(&format!("chmod 777 {INSTALL_DIR}"))?;
+    let path = fleet.dir().join("tasks.yml");
+    let refused =
+        hapair_tests::playbook::playbook_with_env(fleet, &path.display().to_string(), &[], &[])?;
+    if refused.succeeded
+        || !refused
+            .output
+            .contains("must be a directory of root's, mode 755")
+    {
+        bail!(
+            "an install into a directory all may write to was not refused:\n{}",
+            refused.output
+        );
+    }
+    host.sh(&format!("chmod 755 {INSTALL_DIR}"))?;
+    run_tasks(fleet, READ_TWICE, &[], &[])?;
     Ok(())
 }
 

@@ -44,6 +44,11 @@ INSTALL_DIR = "/usr/local/libexec/hapair"
 COMMAND_DIR = "/usr/local/sbin"
 # Printed by the remote command when the module must be installed first.
 NOT_INSTALLED = "hapair-module-not-installed"
+UNSAFE_DIR = (
+    f"{INSTALL_DIR} must be a directory of root's, mode 755, not a symlink: "
+    "another account could swap a module there before it runs. Fix its owner and "
+    "mode (chown root: ...; chmod 755 ...), then run again."
+)
 
 _digests: dict[tuple[str, int, int], str] = {}
 
@@ -61,13 +66,25 @@ def sha256_of(path: str) -> str:
     return _digests[key]
 
 
+# The directory is root's and no one else may write to it (else a file
+# checked here could be swapped before it runs): `stat` must say exactly
+# this, or the module is installed anew, which fails on such a directory.
+SAFE_DIR = "0 drwxr-xr-x"
+
+
+def safe_dir_test() -> str:
+    d = shlex.quote(INSTALL_DIR)
+    return f'[ ! -L {d} ] && [ "$(stat -c \'%u %A\' {d})" = {shlex.quote(SAFE_DIR)} ]'
+
+
 def run_installed(installed: str, digest: str) -> str:
     """Runs the installed module when its checksum is the build's; else
     says it is not installed. Its stdin (the arguments) goes to the module."""
     f = shlex.quote(installed)
     check = shlex.quote(f"{digest}  {installed}")
     return (
-        f"if [ -f {f} ] && [ ! -L {f} ] && echo {check} | sha256sum --check --status; "
+        f"if {safe_dir_test()} && [ -f {f} ] && [ ! -L {f} ] "
+        f"&& echo {check} | sha256sum --check --status; "
         f"then exec {f}; else echo {NOT_INSTALLED}; fi"
     )
 
@@ -80,8 +97,8 @@ def install_and_run(name: str, uploaded: str, installed: str, digest: str) -> st
     return " && ".join(
         [
             "umask 022",
-            f"[ ! -L {q(INSTALL_DIR)} ]",
             f"mkdir -p {q(INSTALL_DIR)}",
+            f"{{ {safe_dir_test()} || {{ echo {q(UNSAFE_DIR)} >&2; exit 1; }}; }}",
             f"echo {q(f'{digest}  {uploaded}')} | sha256sum --check --status",
             f"rm -f {tmp}",
             f"cp {q(uploaded)} {tmp}",
@@ -138,6 +155,9 @@ class ActionModule(ActionBase):
                 install_and_run(name, uploaded, installed, digest), in_data=in_data
             )
             self._remove_tmp_path(self._connection._shell.tmpdir)
+            if res.get("rc") != 0 and not res.get("stdout", "").strip():
+                result.update(failed=True, msg=f"can't install {name}: {res.get('stderr', '').strip()}")
+                return result
 
         data = self._parse_returned_data(res, "legacy")
         remove_internal_keys(data)
