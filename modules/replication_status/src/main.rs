@@ -69,8 +69,7 @@ pub(crate) struct Args {
     /// its own (a re-run of the set-up needs no measure of its own).
     #[serde(
         default = "report_by_default",
-        deserialize_with = "protocol::ansible_bool",
-        skip_serializing
+        deserialize_with = "protocol::ansible_bool"
     )]
     report: bool,
     #[serde(default = "postgres::default_config_dir")]
@@ -298,6 +297,11 @@ impl MonitorPlan {
 /// The options the daemon runs with: these, serving, passwords included.
 fn daemon_options(args: &Args) -> Result<String> {
     let mut options = serde_json::to_value(args)?;
+    // Whether this call reports is no option of the daemon's: switching it
+    // must not rewrite its options, nor restart it.
+    if let Some(options) = options.as_object_mut() {
+        options.remove("report");
+    }
     options["serve"] = true.into();
     options["redis_password"] = args.redis_password.expose().into();
     if let Some(password) = &args.kafka_password {
