@@ -16,7 +16,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
-use hapair_tests::pair::sql;
+use hapair_tests::pair::{redis_cli, sql};
 use hapair_tests::playbook::{playbook, PlaybookRun};
 use hapair_tests::{ensure_eq, http_get, suite, wait_for, Fleet, Host, ModuleRun, Test};
 use serde_json::{json, Value};
@@ -53,16 +53,6 @@ fn run(fleet: &Fleet, book: &str, extra: &[&str]) -> Result<PlaybookRun> {
     let mut args = vec!["-e", EXTRA];
     args.extend(extra);
     playbook(fleet, book, &args)
-}
-
-fn redis(fleet: &Fleet, host: &Host, command: &str) -> Result<String> {
-    let password = fleet.inventory_var("hapair_redis_password")?;
-    Ok(host
-        .sh(&format!(
-            "REDISCLI_AUTH='{password}' redis-cli --no-auth-warning {command}"
-        ))?
-        .trim()
-        .to_string())
 }
 
 /// The host that says primary in its instance config, and the other.
@@ -220,7 +210,7 @@ fn holds_every_write(fleet: &Fleet, host: &Host, from: &str, acked: &Acked) -> R
             host.name
         );
     }
-    let keys: BTreeSet<String> = redis(fleet, host, "--scan --pattern 'w:*'")?
+    let keys: BTreeSet<String> = redis_cli(fleet, host, "--scan --pattern 'w:*'")?
         .lines()
         .map(str::to_string)
         .collect();
@@ -276,7 +266,7 @@ fn follows(fleet: &Fleet, host: &Host, primary: &Host) -> Result<()> {
         format!("streaming {}", primary.ip)
     );
     ensure_eq!(
-        redis(
+        redis_cli(
             fleet,
             host,
             "INFO replication | grep -E '^(role|master_host):'"
@@ -310,7 +300,7 @@ fn follows(fleet: &Fleet, host: &Host, primary: &Host) -> Result<()> {
     }
     ensure_eq!(sql(primary, "select pg_is_in_recovery()")?, "f");
     ensure_eq!(
-        redis(fleet, primary, "INFO replication | grep ^role:")?,
+        redis_cli(fleet, primary, "INFO replication | grep ^role:")?,
         "role:master"
     );
     for unit in ["hapair-mirrormaker.service", "hapair-files-sync.timer"] {
@@ -548,7 +538,7 @@ fn unplanned_then_rejoin(fleet: &Fleet) -> Result<()> {
         secondary,
         "insert into writes select g, 'after-the-failover' from generate_series(30000201, 30000300) g",
     )?;
-    ensure_eq!(redis(fleet, secondary, "SET after-failover yes")?, "OK");
+    ensure_eq!(redis_cli(fleet, secondary, "SET after-failover yes")?, "OK");
     println!("unplanned failover: failover.yml took {seconds:.1} s");
 
     // The old primary comes back: two primaries, on both monitors.
@@ -607,7 +597,7 @@ fn unplanned_then_rejoin(fleet: &Fleet) -> Result<()> {
     wait_for(
         "the key on the old primary",
         Duration::from_secs(30),
-        || Ok(redis(fleet, primary, "GET after-failover")? == "yes"),
+        || Ok(redis_cli(fleet, primary, "GET after-failover")? == "yes"),
     )?;
     Ok(())
 }

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use hapair_tests::pair::{regroup_into_pairs, sql, THREE_PAIRS as PAIRS};
+use hapair_tests::pair::{redis_cli, regroup_into_pairs, sql, THREE_PAIRS as PAIRS};
 use hapair_tests::playbook::playbook_with_env;
 use hapair_tests::{ensure_eq, suite, wait_for, Fleet, Host, Test};
 
@@ -19,15 +19,6 @@ const TESTS: &[Test] = &[(
 
 fn main() -> ExitCode {
     suite("pairs", 6, 21, TESTS)
-}
-
-fn redis(host: &Host, password: &str, command: &str) -> Result<String> {
-    Ok(host
-        .sh(&format!(
-            "REDISCLI_AUTH='{password}' redis-cli --no-auth-warning {command}"
-        ))?
-        .trim()
-        .to_string())
 }
 
 fn three_pairs(fleet: &Fleet) -> Result<()> {
@@ -47,7 +38,6 @@ fn three_pairs(fleet: &Fleet) -> Result<()> {
     }
     println!("three pairs set up by one run in {:.1} s", run.seconds);
 
-    let password = fleet.inventory_var("hapair_redis_password")?;
     for (pair, primary, secondary) in PAIRS {
         let (primary, secondary) = (fleet.host(primary), fleet.host(secondary));
         let others: Vec<&Host> = fleet
@@ -68,13 +58,13 @@ fn three_pairs(fleet: &Fleet) -> Result<()> {
             &format!("create table pair_{pair} (n int); insert into pair_{pair} values (1)"),
         )?;
         // Redis: one replica, the secondary.
-        let info = redis(primary, &password, "INFO replication")?;
+        let info = redis_cli(fleet, primary, "INFO replication")?;
         if !info.contains("connected_slaves:1") || !info.contains(&format!("ip={},", secondary.ip))
         {
             bail!("{pair}: Redis replicates elsewhere: {info}");
         }
         ensure_eq!(
-            redis(primary, &password, &format!("SET pair:{pair} yes"))?,
+            redis_cli(fleet, primary, &format!("SET pair:{pair} yes"))?,
             "OK"
         );
         // Kafka: MirrorMaker on the secondary reads the pair's primary.
@@ -100,7 +90,7 @@ fn three_pairs(fleet: &Fleet) -> Result<()> {
             || {
                 Ok(
                     sql(secondary, &format!("select count(*) from pair_{pair}"))? == "1"
-                        && redis(secondary, &password, &format!("GET pair:{pair}"))? == "yes",
+                        && redis_cli(fleet, secondary, &format!("GET pair:{pair}"))? == "yes",
                 )
             },
         )?;
@@ -110,7 +100,7 @@ fn three_pairs(fleet: &Fleet) -> Result<()> {
                 "t"
             );
             ensure_eq!(
-                redis(other, &password, &format!("EXISTS pair:{pair}"))?,
+                redis_cli(fleet, other, &format!("EXISTS pair:{pair}"))?,
                 "0"
             );
         }

@@ -268,3 +268,14 @@ pub fn regroup_into_pairs(fleet: &Fleet, pairs: &[(&str, &str, &str)]) -> Result
     std::fs::write(fleet.inventory(), text)?;
     Ok(())
 }
+
+/// `redis-cli COMMAND` on `host` with the fleet's Redis password, trimmed.
+pub fn redis_cli(fleet: &Fleet, host: &Host, command: &str) -> Result<String> {
+    let password = fleet.inventory_var("hapair_redis_password")?;
+    Ok(host
+        .sh(&format!(
+            "REDISCLI_AUTH='{password}' redis-cli --no-auth-warning {command}"
+        ))?
+        .trim()
+        .to_string())
+}
