@@ -39,19 +39,25 @@ fn main() -> ExitCode {
 
 const INSTALL_DIR: &str = "/usr/local/libexec/hapair";
 
-/// A playbook of `tasks` (YAML, indented for a task list) on the host.
+/// A playbook of `tasks` (YAML, indented for a task list) on the host,
+/// whatever its outcome.
+fn play(fleet: &Fleet, tasks: &str, extra: &[&str], env: &[(&str, &str)]) -> Result<PlaybookRun> {
+    let path = fleet.dir().join("tasks.yml");
+    std::fs::write(
+        &path,
+        format!("- hosts: primary\n  gather_facts: false\n  tasks:\n{tasks}"),
+    )?;
+    playbook_with_env(fleet, &path.display().to_string(), extra, env)
+}
+
+/// [`play`], which must succeed.
 fn run_tasks(
     fleet: &Fleet,
     tasks: &str,
     extra: &[&str],
     env: &[(&str, &str)],
 ) -> Result<PlaybookRun> {
-    let path = fleet.dir().join("tasks.yml");
-    std::fs::write(
-        &path,
-        format!("- hosts: primary\n  gather_facts: false\n  tasks:\n{tasks}"),
-    )?;
-    let run = playbook_with_env(fleet, &path.display().to_string(), extra, env)?;
+    let run = play(fleet, tasks, extra, env)?;
     if !run.succeeded {
         bail!("ansible-playbook failed:\n{}", run.output);
     }
@@ -186,9 +192,7 @@ fn unsafe_directory(fleet: &Fleet) -> Result<()> {
     let host = fleet.host("primary");
     run_tasks(fleet, READ_TWICE, &[], &[])?;
     host.sh(&format!("chmod 777 {INSTALL_DIR}"))?;
-    let path = fleet.dir().join("tasks.yml");
-    let refused =
-        hapair_tests::playbook::playbook_with_env(fleet, &path.display().to_string(), &[], &[])?;
+    let refused = play(fleet, READ_TWICE, &[], &[])?;
     if refused.succeeded
         || !refused
             .output

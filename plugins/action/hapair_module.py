@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shlex
 
 from ansible.module_utils.common.json import Direction, get_module_encoder
@@ -50,20 +49,15 @@ UNSAFE_DIR = (
     "mode (chown root: ...; chmod 755 ...), then run again."
 )
 
-_digests: dict[tuple[str, int, int], str] = {}
-
-
 def sha256_of(path: str) -> str:
-    """The file's SHA-256, computed once per build in this process."""
-    stat = os.stat(path)
-    key = (path, stat.st_mtime_ns, stat.st_size)
-    if key not in _digests:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        _digests[key] = digest.hexdigest()
-    return _digests[key]
+    """The build's SHA-256. Each task runs in a worker process of its own,
+    so there is nothing to cache it in; for a module of a few MB it costs a
+    millisecond or two."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # The directory is root's and no one else may write to it (else a file
