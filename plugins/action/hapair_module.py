@@ -98,7 +98,6 @@ def install_and_run(name: str, uploaded: str, installed: str, digest: str) -> st
             f"cp {q(uploaded)} {tmp}",
             f"chmod 0755 {tmp}",
             f"mv -f {tmp} {q(installed)}",
-            f"rm -f {q(uploaded)}",
             f"for old in {q(INSTALL_DIR)}/{q(name)}-*; do "
             f'[ "$old" = {q(installed)} ] || rm -f "$old"; done',
             f"ln -sfn {q(installed)} {q(f'{COMMAND_DIR}/{name}')}",

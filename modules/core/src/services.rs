@@ -117,7 +117,7 @@ impl std::fmt::Display for Unit {
 
 /// Whether a unit a module manages should be there (`present`) or not
 /// (`absent`); a module's option left unset leaves it as it is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Presence {
     Present,

@@ -47,7 +47,7 @@ pub(crate) struct Args {
     timeout: Seconds,
     /// `present`: install and start the hapair-monitor daemon; `absent`:
     /// remove it; unset: leave it as it is.
-    #[serde(default, skip_serializing)]
+    #[serde(default)]
     monitor: Option<Presence>,
     /// The pair address the monitor listens on, beside loopback.
     #[serde(default)]
@@ -295,12 +295,18 @@ impl MonitorPlan {
 }
 
 /// The options the daemon runs with: these, serving, passwords included.
+/// Options of a call that the daemon never sees.
+const CALL_ONLY_OPTIONS: &[&str] = &["monitor", "report"];
+
 fn daemon_options(args: &Args) -> Result<String> {
     let mut options = serde_json::to_value(args)?;
-    // Whether this call reports is no option of the daemon's: switching it
-    // must not rewrite its options, nor restart it.
+    // What this call does besides (install the monitor, report) is no
+    // option of the daemon's: switching it must not rewrite its options,
+    // nor restart it.
     if let Some(options) = options.as_object_mut() {
-        options.remove("report");
+        for call_only in CALL_ONLY_OPTIONS {
+            options.remove(*call_only);
+        }
     }
     options["serve"] = true.into();
     options["redis_password"] = args.redis_password.expose().into();
