@@ -55,11 +55,6 @@ const BROKEN_PATHS: &[&str] = &[
 
 fn break_pair(fleet: &Fleet) -> Result<()> {
     let (primary, secondary) = (fleet.host("primary"), fleet.host("secondary"));
-    // The monitors of the test before would write their Kafka tools'
-    // transient login files into /etc/hapair under the snapshots.
-    for host in [primary, secondary] {
-        host.sh("systemctl stop hapair-monitor 2>/dev/null || true")?;
-    }
     all_replicating(primary, secondary)?;
     sql(
         primary,

@@ -150,10 +150,10 @@ fn primary_mode(fleet: &Fleet) -> Result<()> {
         "127.0.0.1:9092"
     );
     // The password reached the broker in a file, removed at once: nothing
-    // of it is left in root's directory.
+    // of it is left in root's directories.
     ensure_eq!(
         primary
-            .sh("ls -A /etc/hapair | grep -c kafka-login || true")?
+            .sh("ls -A /etc/hapair /run/hapair | grep -c kafka-login || true")?
             .trim(),
         "0"
     );

@@ -142,8 +142,11 @@ impl PairKafka {
 /// Kafka's default for SCRAM-SHA-512.
 const SCRAM_ITERATIONS: u32 = 8192;
 
-/// Root's directory, where a tool's login is handed over.
-const PRIVATE_DIR: &str = "/etc/hapair";
+/// Root's runtime directory, where a tool's login is handed over for the
+/// length of one call: not in /etc/hapair, where a transient file would
+/// show as a change of the host's configuration (and outlive a crash past
+/// a reboot).
+const PRIVATE_DIR: &str = crate::lock::LOCK_DIR;
 
 /// A tool's client settings: the login, and timeouts short enough that a
 /// tool pointed at a listener that does not answer says so soon.
