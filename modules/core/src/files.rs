@@ -743,12 +743,20 @@ impl FilePlan {
         let text = edit(current.as_deref().unwrap_or(""))
             .with_context(|| format!("{}", path.display()))?;
         let state_ok = state(path)?.is_some_and(|s| has_mode_owner(&s, mode, owner));
-        if current.as_deref() == Some(text.as_str()) && state_ok {
+        let written = current.as_deref() == Some(text.as_str()) && state_ok;
+        let unsettled = written && crate::unsettled::is_unsettled(path)?;
+        if written && !unsettled {
             return Ok(());
         }
         self.changes.push(FileChange {
             path: path.to_path_buf(),
-            action: format!("write {}", path.display()),
+            action: match unsettled {
+                true => format!(
+                    "write {} again: a run that wrote it stopped before its service took it",
+                    path.display()
+                ),
+                false => format!("write {}", path.display()),
+            },
             // Whatever a config file holds, a diff never shows a secret.
             diff: Diff {
                 before: crate::secret::mask_secret_lines(&current.unwrap_or_default()),
@@ -763,7 +771,11 @@ impl FilePlan {
         Ok(())
     }
 
+    /// Writes the planned files, each recorded first as unsettled until the
+    /// module ends well (see [`crate::unsettled`]).
     pub fn apply(&self) -> Result<()> {
+        let paths: Vec<&Path> = self.changes.iter().map(|c| c.path.as_path()).collect();
+        crate::unsettled::record(&paths)?;
         for change in &self.changes {
             write_atomic(
                 &change.path,

@@ -61,6 +61,7 @@ pub mod secret;
 pub mod services;
 pub mod ssh;
 pub mod status;
+pub mod unsettled;
 pub mod wait;
 
 pub use plan::{Action, Plan};

@@ -230,6 +230,13 @@ where
     let (mut report, mut answer) = (None, None);
     let (json, exit) = match result {
         Ok(Ok(mut outcome)) => {
+            // Its services have taken what it wrote; a failed run leaves
+            // the records for the next run to finish the job.
+            if !outcome.failed {
+                if let Err(e) = crate::unsettled::settle_written() {
+                    ctx.warnings.push(format!("{e:#}"));
+                }
+            }
             let exit = if outcome.failed { EXIT_FAILED } else { 0 };
             report = outcome.report.take();
             answer = outcome.answer.take();
