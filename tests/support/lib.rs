@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 
+pub mod crash;
 pub mod pair;
 pub mod playbook;
 use serde_json::Value;
