@@ -34,7 +34,7 @@ use hapair_core::files::{self, FilePlan};
 use hapair_core::instance::{self, InstanceConfig, ReplicationMode};
 use hapair_core::lock::RunLock;
 use hapair_core::postgres::standby::{
-    check_rate, repoint_tablespaces, CopyRecord, Replaced, Standby, NEW, OLD,
+    check_compress, check_rate, repoint_tablespaces, CopyRecord, Replaced, Standby, NEW, OLD,
 };
 use hapair_core::postgres::{self, Cluster, RoleName, Upstream};
 use hapair_core::protocol::Seconds;
@@ -75,6 +75,10 @@ pub(crate) struct Args {
     /// Limit the copy's bandwidth, e.g. `100M` (pg_basebackup's --max-rate).
     #[serde(default)]
     max_rate: Option<String>,
+    /// Have the primary compress the copy, e.g. `server-zstd` (a slow
+    /// link); none by default.
+    #[serde(default)]
+    compress: Option<String>,
     /// Seconds to wait for streaming after the swap.
     #[serde(default = "default_stream_timeout")]
     stream_timeout: Seconds,
@@ -103,6 +107,9 @@ fn cluster_replicate_postgres(args: Args, ctx: &mut Context) -> Result<Outcome> 
     }
     if let Some(rate) = &args.max_rate {
         check_rate(rate)?;
+    }
+    if let Some(compress) = &args.compress {
+        check_compress(compress)?;
     }
     let data_dir = files::clean_path("data_dir", &args.data_dir)?;
     let config_dir = files::clean_path("postgresql_config_dir", &args.postgresql_config_dir)?;
@@ -139,6 +146,7 @@ fn cluster_replicate_postgres(args: Args, ctx: &mut Context) -> Result<Outcome> 
         args.stream_timeout.duration(),
     );
     standby.max_rate = args.max_rate.clone();
+    standby.compress = args.compress.clone();
 
     // The standby's files: a passfile for primary_conninfo (no password in
     // the configuration) and the standby settings.

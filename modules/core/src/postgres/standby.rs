@@ -162,6 +162,8 @@ pub struct Standby {
     pub record_dir: PathBuf,
     /// pg_basebackup's --max-rate.
     pub max_rate: Option<String>,
+    /// pg_basebackup's --compress, on the primary's side ([`check_compress`]).
+    pub compress: Option<String>,
     /// How long to wait for streaming once started.
     pub stream_timeout: Duration,
 }
@@ -185,6 +187,7 @@ impl Standby {
             primary: upstream.host,
             record_dir: files::parent_of(instance_config),
             max_rate: None,
+            compress: None,
             cluster,
             upstream,
             data,
@@ -257,6 +260,9 @@ impl Standby {
             }
             if let Some(rate) = &self.max_rate {
                 command = command.args(["--max-rate", rate]);
+            }
+            if let Some(compress) = &self.compress {
+                command = command.arg(format!("--compress={compress}"));
             }
             let result = command.run_in_own_group(|group| {
                 if let Some(lock) = lock {
@@ -400,6 +406,28 @@ pub fn check_rate(rate: &str) -> Result<()> {
     Ok(())
 }
 
+/// The compressions step 8 may ask the primary for: PostgreSQL 15
+/// compresses on the server, and pg_basebackup unpacks on the fly into the
+/// plain copy. Worth it on a slow link; on a fast one it costs the
+/// primary's CPU for nothing.
+const SERVER_COMPRESSIONS: &[&str] = &["server-gzip", "server-lz4", "server-zstd"];
+
+/// `compress` as `--compress` takes it: a server-side method, and an
+/// optional level (`server-zstd:3`).
+pub fn check_compress(compress: &str) -> Result<()> {
+    let (method, level) = compress.split_once(':').unwrap_or((compress, "1"));
+    let level_ok =
+        !level.is_empty() && level.len() <= 2 && level.bytes().all(|b| b.is_ascii_digit());
+    if !SERVER_COMPRESSIONS.contains(&method) || !level_ok {
+        bail!(
+            "compress takes one of {} with an optional level (server-zstd:3), not {:?}",
+            SERVER_COMPRESSIONS.join(", "),
+            protocol::excerpt(compress)
+        );
+    }
+    Ok(())
+}
+
 /// One `.pgpass` line for the primary; `:` and `\` escaped in every field.
 pub fn passfile_line(upstream: &Upstream) -> String {
     let field = |text: &str| text.replace('\\', "\\\\").replace(':', "\\:");
@@ -498,6 +526,29 @@ mod tests {
         assert!(dir.join("main/PG_VERSION").exists());
         assert_eq!(data.failed_copies().unwrap(), vec![kept]);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn compress_takes_a_server_method_and_a_level() {
+        for good in [
+            "server-zstd",
+            "server-lz4",
+            "server-gzip:9",
+            "server-zstd:19",
+        ] {
+            assert!(check_compress(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "zstd",
+            "client-zstd",
+            "server-zstd:",
+            "server-zstd:x",
+            "server-zstd:1;rm",
+            "none",
+            "",
+        ] {
+            assert!(check_compress(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
