@@ -6,8 +6,12 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 ANSIBLE_PLAYBOOK := $(VENV)/bin/ansible-playbook
-LIBRARY := playbooks/library
-ACTIONS := playbooks/action_plugins
+# The hapair.ha collection, laid out by `make stage`; ansible.cfg's
+# collections_path points here, so the playbooks name each module
+# hapair.ha.MODULE, as a user of the built collection does.
+COLLECTIONS := target/collection
+COLLECTION := $(COLLECTIONS)/ansible_collections/hapair/ha
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 # Every crate under modules/ but the shared core is a module.
 MODULES := $(filter-out core,$(patsubst modules/%/Cargo.toml,%,$(wildcard modules/*/Cargo.toml)))
 # `make fleet-up FLEET=name HOSTS=n NET=k` starts hosts on 198.18.k.0/24.
@@ -17,7 +21,7 @@ NET ?= 0
 
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
-.PHONY: help build stage venv maven-deps image fleet-up fleet-down demo test test-unit test-fleet bench lint fuzz fuzz-smoke clean
+.PHONY: help build stage collection venv maven-deps image fleet-up fleet-down demo test test-unit test-fleet bench lint fuzz fuzz-smoke clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -26,15 +30,14 @@ build: ## Build every module (release: small, stripped)
 	cargo build --release --workspace --bins
 
 # Each module's action is plugins/action/hapair_module.py (one round trip
-# per task: see the file), linked under the module's name.
-stage: build ## Put the modules, their docs and their action where the playbooks find them
-	@mkdir -p $(LIBRARY) $(ACTIONS)
-	@for m in $(MODULES); do \
-	  install -m 0755 target/release/$$m $(LIBRARY)/$$m && \
-	  install -m 0644 modules/$$m/$$m.yml $(LIBRARY)/$$m.yml && \
-	  ln -sfn ../../plugins/action/hapair_module.py $(ACTIONS)/$$m.py; \
-	done
-	@echo "staged in $(LIBRARY) and $(ACTIONS): $(MODULES)"
+# per task: see the file), named in the collection's meta/runtime.yml.
+stage: build ## Lay out the hapair.ha collection (modules, docs, action, playbooks) where the playbooks find it
+	@collection/stage $(COLLECTION) $(VERSION) $(MODULES)
+	@echo "staged the hapair.ha collection in $(COLLECTION): $(MODULES)"
+
+collection: stage venv ## Build the hapair.ha collection's file for ansible-galaxy collection install
+	$(VENV)/bin/ansible-galaxy collection build $(COLLECTION) --output-path target --force
+	@echo "install it with: ansible-galaxy collection install target/hapair-ha-$(VERSION).tar.gz"
 
 venv: $(VENV)/.installed ## Create the Python venv with ansible-core (pinned)
 $(VENV)/.installed: requirements.txt
@@ -72,19 +75,21 @@ test: test-unit test-fleet ## Run every test: unit, then modules and playbooks o
 test-unit: ## Unit tests of the core and the modules (no hosts)
 	cargo test --workspace --exclude hapair-tests
 
-# The failover suite, the longest, runs beside the others: every suite has
-# hosts and a subnet of its own. Its output follows theirs, in one piece.
-SUITES := $(filter-out failover bench_%,$(basename $(notdir $(wildcard tests/*.rs))))
+# The failover suite, the longest, and then the crash suites run beside
+# the others: every suite has hosts and a subnet of its own. Their output
+# follows the others', in one piece.
+BESIDE := failover crash_stop crash_kill
+SUITES := $(filter-out $(BESIDE) bench_%,$(basename $(notdir $(wildcard tests/*.rs))))
 
 test-fleet: venv stage image ## Module and end-to-end tests on fleet hosts
 	cargo test -p hapair-tests --tests --no-run
 	@mkdir -p target/fleet
-	@cargo test -p hapair-tests --test failover >target/fleet/failover-suite.log 2>&1 & failover=$$!; \
-	cargo test -p hapair-tests $(addprefix --test ,$(SUITES)); others=$$?; \
-	wait $$failover; failed_over=$$?; \
-	echo "---- the failover suite, run beside the others ----"; \
-	cat target/fleet/failover-suite.log; \
-	[ $$others -eq 0 ] && [ $$failed_over -eq 0 ]
+	@cargo test -p hapair-tests --no-fail-fast $(addprefix --test ,$(BESIDE)) >target/fleet/beside.log 2>&1 & beside=$$!; \
+	cargo test -p hapair-tests --no-fail-fast $(addprefix --test ,$(SUITES)); others=$$?; \
+	wait $$beside; besides=$$?; \
+	echo "---- $(BESIDE), run beside the others ----"; \
+	cat target/fleet/beside.log; \
+	[ $$others -eq 0 ] && [ $$besides -eq 0 ]
 
 bench: stage image ## A task against raw, the set-up, its re-run and three pairs at once, step 8's copy against tar, Redis's 1 GiB sync, MirrorMaker's catch-up, the monitor's latency, rejoin by rewind against a full copy
 	cargo bench -p hapair-tests --bench bench_tasks
@@ -100,10 +105,12 @@ fuzz: ## Fuzz every parser and config editor, FUZZ_SECONDS each (cargo fuzz, nig
 fuzz-smoke: ## A short fuzz of each target from the kept corpus (CI runs it)
 	fuzz/run 10
 
-lint: ## Formatting and clippy, as required before each commit
+# ansible-lint reads the example's vault with its example password.
+lint: stage venv ## Formatting, clippy, and ansible-lint's production profile on the playbooks and inventories
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH ANSIBLE_VAULT_PASSWORD_FILE=inventory/example/vault-password.example ansible-lint
 
 clean: ## Remove build output, staged modules and fleet state
 	cargo clean
-	rm -rf $(LIBRARY) $(ACTIONS) inventory/fleet-*.ini
+	rm -rf $(COLLECTIONS) inventory/fleet-*.ini

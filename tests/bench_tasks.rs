@@ -39,12 +39,20 @@ type Kind = (
 const KINDS: &[Kind] = &[
     ("empty", "", &[]),
     ("raw", "    - raw: 'true'\n", &[]),
-    ("hapair", "    - instance_conf: {key: cluster.hosts}\n", &[]),
+    (
+        "hapair",
+        "    - hapair.ha.instance_conf: {key: cluster.hosts}\n",
+        &[],
+    ),
     (
         "hapair_without_action",
         "    - instance_conf: {key: cluster.hosts}\n",
-        // No action plugins: Ansible's own path for a binary module.
-        &[("ANSIBLE_ACTION_PLUGINS", "/nonexistent")],
+        // The same build by its short name from a library: no action of
+        // the collection's, Ansible's own path for a binary module.
+        &[(
+            "ANSIBLE_LIBRARY",
+            "target/collection/ansible_collections/hapair/ha/plugins/modules",
+        )],
     ),
     (
         "python_pipelined",

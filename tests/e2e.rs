@@ -1,71 +1,37 @@
 //! End to end: ansible-playbook over SSH against a pair of fleet hosts, as an
 //! operator runs it.
 
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use hapair_tests::pair::{kafka_login_file, monitor_report, KAFKA_PAIR_PORT};
-use hapair_tests::playbook::{changed_tasks, playbook, venv_bin, PlaybookRun};
+use hapair_tests::playbook::{changed_tasks, playbook, PlaybookRun};
 use hapair_tests::{
-    ensure_eq, module_binary, module_names, repo_root, suite, wait_for, Fleet, Host, Test,
+    ensure_eq, module_binary, module_names, repo_root, staged_module, suite, wait_for, Fleet, Host,
+    Test,
 };
 use serde_json::{json, Value};
 
-const TESTS: &[Test] = &[
-    ("ansible_doc_shows_each_module", ansible_doc),
-    (
-        "ha_setup_checks_then_sets_up_a_fresh_pair_and_a_rerun_changes_nothing",
-        ha_setup,
-    ),
-];
+const TESTS: &[Test] = &[(
+    "ha_setup_checks_then_sets_up_a_fresh_pair_and_a_rerun_changes_nothing",
+    ha_setup,
+)];
 
 fn main() -> ExitCode {
     // The third host is the outsider: on the pair's network, not of it.
     suite("e2e", 3, 2, TESTS)
 }
 
-/// The staged library must hold exactly the release binaries and docs.
+/// The staged collection must hold exactly the release binaries and docs.
 fn check_staged() -> Result<()> {
-    let library = repo_root().join("playbooks/library");
     for module in module_names()? {
-        let staged = std::fs::read(library.join(&module)).ok();
+        let staged = std::fs::read(staged_module(&module)).ok();
         let built = std::fs::read(module_binary(&module)?)?;
         let doc = std::fs::read(repo_root().join(format!("modules/{module}/{module}.yml")))?;
-        let staged_doc = std::fs::read(library.join(format!("{module}.yml"))).ok();
+        let staged_doc = std::fs::read(staged_module(&format!("{module}.yml"))).ok();
         if staged.as_ref() != Some(&built) || staged_doc.as_ref() != Some(&doc) {
-            bail!("{module} in playbooks/library is missing or stale: run `make stage`");
-        }
-    }
-    Ok(())
-}
-
-fn ansible_doc(_fleet: &Fleet) -> Result<()> {
-    check_staged()?;
-    for module in module_names()? {
-        let output = Command::new(venv_bin("ansible-doc")?)
-            .args(["--json", "-M"])
-            .arg(repo_root().join("playbooks/library"))
-            .arg(&module)
-            .output()?;
-        if !output.status.success() {
-            bail!(
-                "ansible-doc {module}: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        let doc: Value = serde_json::from_slice(&output.stdout)?;
-        let entry = &doc[&module];
-        for section in ["doc", "examples", "return"] {
-            if entry[section].is_null() {
-                bail!("ansible-doc {module} has no {section}: {entry}");
-            }
-        }
-        if entry["doc"]["options"]
-            .as_object()
-            .is_none_or(|o| o.is_empty())
-        {
-            bail!("ansible-doc {module} shows no options");
+            bail!("{module} in the staged collection is missing or stale: run `make stage`");
         }
     }
     Ok(())
@@ -131,6 +97,16 @@ fn ha_setup(fleet: &Fleet) -> Result<()> {
     }
     fresh[0].ensure_unchanged(&primary.snapshot(SET_UP_PATHS)?)?;
     fresh[1].ensure_unchanged(&secondary.snapshot(SET_UP_PATHS)?)?;
+    // Every unsafe step is in the plan: a planned change, or (steps 7 on,
+    // which build on steps 4 and 5) what it would do once they have run.
+    for step in UNSAFE_STEPS {
+        if !planned(&check.output, step) {
+            bail!(
+                "the dry run does not show {step:?} as a planned change:\n{}",
+                check.output
+            );
+        }
+    }
 
     // Without the confirmation the play stops before step 4, and says how
     // to go on: the primary is not in primary mode, the secondary protected.
@@ -273,8 +249,19 @@ fn ha_setup(fleet: &Fleet) -> Result<()> {
         bail!("the play does not report Backup V2:\n{}", first.output);
     }
 
-    let started = |host: &Host| psql(host, "select pg_postmaster_start_time()");
     let start_times = (started(primary)?, started(secondary)?);
+    // Each runs where it should (MirrorMaker on the secondary alone), so a
+    // restart would show.
+    let running = |started: &[String], unit: &str| {
+        started
+            .iter()
+            .any(|s| s.starts_with(&format!("{unit}: ")) && s.contains("ActiveState=active"))
+    };
+    for unit in SERVICES {
+        let on_primary = *unit != "hapair-mirrormaker";
+        ensure_eq!(running(&start_times.0, unit), on_primary);
+        ensure_eq!(running(&start_times.1, unit), true);
+    }
     let set_up = [
         primary.snapshot(SET_UP_PATHS)?,
         secondary.snapshot(SET_UP_PATHS)?,
@@ -305,6 +292,50 @@ fn ha_setup(fleet: &Fleet) -> Result<()> {
         first.seconds, second.seconds
     );
     Ok(())
+}
+
+/// The seed's unsafe steps, as ha_setup.yml's task names begin.
+const UNSAFE_STEPS: &[&str] = &[
+    "Step 4:", "Step 5:", "Step 6:", "Step 7:", "Step 8:", "Step 9:", "Step 10:", "Files:",
+];
+
+/// Whether a check-mode run's output shows `step` planned: a task of it
+/// changed, or its "in check mode, waits" task said what it would do.
+fn planned(output: &str, step: &str) -> bool {
+    let mut task = "";
+    output.lines().any(|line| {
+        if let Some(name) = line.strip_prefix("TASK [") {
+            task = name;
+            return false;
+        }
+        task.starts_with(step)
+            && (line.starts_with("changed: [")
+                || (task.contains("in check mode, waits") && line.starts_with("ok: [")))
+    })
+}
+
+/// The services the set-up runs, and when each started (systemd's
+/// monotonic clock) with its main process: a restart changes both.
+const SERVICES: &[&str] = &[
+    "postgresql@15-main",
+    "redis-server",
+    "kafka",
+    "hapair-mirrormaker",
+    "hapair-monitor",
+];
+
+fn started(host: &Host) -> Result<Vec<String>> {
+    let mut started = Vec::new();
+    for unit in SERVICES {
+        let shown = host.sh(&format!(
+            "systemctl show -p ActiveState,ExecMainStartTimestampMonotonic,MainPID {unit}"
+        ))?;
+        started.push(format!(
+            "{unit}: {}",
+            shown.split_whitespace().collect::<Vec<_>>().join(" ")
+        ));
+    }
+    Ok(started)
 }
 
 /// A password of the fleet's inventory.

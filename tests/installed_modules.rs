@@ -8,7 +8,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context as _, Result};
 use hapair_tests::playbook::{playbook_with_env, PlaybookRun};
-use hapair_tests::{ensure_eq, repo_root, suite, Fleet, Host, Test};
+use hapair_tests::{ensure_eq, staged_collection, staged_module, suite, Fleet, Host, Test};
 
 const TESTS: &[Test] = &[
     (
@@ -64,8 +64,8 @@ fn run_tasks(
     Ok(run)
 }
 
-const READ_TWICE: &str = "    - instance_conf: {key: cluster.hosts}\n      register: first\n    \
-                          - instance_conf: {key: cluster.hosts}\n      register: second\n    \
+const READ_TWICE: &str = "    - hapair.ha.instance_conf: {key: cluster.hosts}\n      register: first\n    \
+                          - hapair.ha.instance_conf: {key: cluster.hosts}\n      register: second\n    \
                           - assert: {that: [\"first.value == []\", \"second.value == []\"]}\n";
 
 fn sha256(path: &Path) -> Result<String> {
@@ -99,7 +99,7 @@ fn execs(output: &str) -> usize {
 
 fn installed_once(fleet: &Fleet) -> Result<()> {
     let host = fleet.host("primary");
-    let library = repo_root().join("playbooks/library/instance_conf");
+    let library = staged_module("instance_conf");
     let digest = sha256(&library)?;
     let first = run_tasks(fleet, READ_TWICE, &["-vvv"], &[])?;
     let name = format!("instance_conf-{digest}");
@@ -131,21 +131,26 @@ fn installed_once(fleet: &Fleet) -> Result<()> {
 fn changed_build(fleet: &Fleet) -> Result<()> {
     let host = fleet.host("primary");
     // Another build: the same binary with a byte more (an ELF file runs
-    // with trailing bytes), in a library of its own (not one beside the
-    // playbook: Ansible would search that one for every run).
-    let library = fleet.dir().join("another-build");
-    std::fs::create_dir_all(&library)?;
-    let binary = library.join("instance_conf");
-    std::fs::copy(repo_root().join("playbooks/library/instance_conf"), &binary)?;
-    std::fs::copy(
-        repo_root().join("playbooks/library/instance_conf.yml"),
-        library.join("instance_conf.yml"),
-    )?;
+    // with trailing bytes), in a collection tree of its own.
+    let collections = fleet.dir().join("another-build");
+    let tree = collections.join("ansible_collections/hapair");
+    let _ = std::fs::remove_dir_all(&collections);
+    std::fs::create_dir_all(&tree)?;
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(staged_collection())
+        .arg(&tree)
+        .status()?;
+    ensure_eq!(copied.success(), true);
+    let binary = tree.join("ha/plugins/modules/instance_conf");
     let mut bytes = std::fs::read(&binary)?;
     bytes.push(0);
     std::fs::write(&binary, bytes)?;
     let digest = sha256(&binary)?;
-    let env = [("ANSIBLE_LIBRARY", library.to_str().context("path")?)];
+    let env = [(
+        "ANSIBLE_COLLECTIONS_PATH",
+        collections.to_str().context("path")?,
+    )];
     run_tasks(fleet, READ_TWICE, &[], &env)?;
     let name = format!("instance_conf-{digest}");
     // The new build alone: the old one is gone, the command points here.
@@ -155,7 +160,7 @@ fn changed_build(fleet: &Fleet) -> Result<()> {
     );
     // And back to the staged build.
     run_tasks(fleet, READ_TWICE, &[], &[])?;
-    let staged = sha256(&repo_root().join("playbooks/library/instance_conf"))?;
+    let staged = sha256(&staged_module("instance_conf"))?;
     ensure_eq!(
         installed(host, "instance_conf")?.0,
         vec![format!("instance_conf-{staged}")]
@@ -165,7 +170,7 @@ fn changed_build(fleet: &Fleet) -> Result<()> {
 
 fn tampered(fleet: &Fleet) -> Result<()> {
     let host = fleet.host("primary");
-    let digest = sha256(&repo_root().join("playbooks/library/instance_conf"))?;
+    let digest = sha256(&staged_module("instance_conf"))?;
     let path = format!("{INSTALL_DIR}/instance_conf-{digest}");
     run_tasks(fleet, READ_TWICE, &[], &[])?;
     let impostor = "#!/bin/sh\ntouch /tmp/the-impostor-ran\n\
@@ -211,7 +216,7 @@ fn unsafe_directory(fleet: &Fleet) -> Result<()> {
 fn check_diff_no_log(fleet: &Fleet) -> Result<()> {
     let host = fleet.host("primary");
     let before = host.snapshot(&["/etc/hapair"])?;
-    let set = "    - instance_conf: {key: cluster.hosts, value: ['198.18.18.11']}\n";
+    let set = "    - hapair.ha.instance_conf: {key: cluster.hosts, value: ['198.18.18.11']}\n";
     let check = run_tasks(fleet, set, &["--check", "--diff"], &[])?;
     before.ensure_unchanged(&host.snapshot(&["/etc/hapair"])?)?;
     if !check
@@ -223,7 +228,7 @@ fn check_diff_no_log(fleet: &Fleet) -> Result<()> {
         bail!("check mode showed no planned change:\n{}", check.output);
     }
     let hidden =
-        "    - instance_conf: {key: cluster.hosts, value: ['198.18.18.11']}\n      no_log: true\n";
+        "    - hapair.ha.instance_conf: {key: cluster.hosts, value: ['198.18.18.11']}\n      no_log: true\n";
     let run = run_tasks(fleet, hidden, &["-v"], &[])?;
     if run.output.contains("198.18.18.11") || !run.output.contains("censored") {
         bail!("no_log did not hide the result:\n{}", run.output);

@@ -101,6 +101,17 @@ pub fn module_binary(module: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The hapair.ha collection as `make stage` lays it out; ansible.cfg's
+/// collections_path is its `ansible_collections` directory's parent.
+pub fn staged_collection() -> PathBuf {
+    repo_root().join("target/collection/ansible_collections/hapair/ha")
+}
+
+/// A module of the staged collection: the build the playbooks use.
+pub fn staged_module(module: &str) -> PathBuf {
+    staged_collection().join("plugins/modules").join(module)
+}
+
 /// The modules this repository builds: each directory of modules/ but core.
 pub fn module_names() -> Result<Vec<String>> {
     let mut names = Vec::new();
