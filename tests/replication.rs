@@ -184,6 +184,31 @@ fn primary_mode(fleet: &Fleet) -> Result<()> {
     if third.stdout.contains("another-Secret") {
         bail!("the new password is in the output: {}", third.stdout);
     }
+
+    // A new Kafka password: the login's check (SCRAM, spoken natively) finds
+    // the listener refuses it, so the credential is set; then it finds it
+    // let in, and the old password is refused by Kafka's own client.
+    let mut new_kafka = primary_mode_args(primary);
+    new_kafka["kafka_password"] = json!("another-Kafka-987654321");
+    for (args, changed) in [(&new_kafka, true), (&new_kafka, false)] {
+        let run = primary.run_module("cluster_enter_primary_mode", args)?.ok()?;
+        ensure_eq!(run.changed(), changed);
+    }
+    let old_login = secondary.sh_output(&format!(
+        "/opt/kafka/bin/kafka-topics.sh --bootstrap-server {}:{KAFKA_PAIR_PORT} --list \
+         --command-config /tmp/pair-login.properties",
+        primary.ip
+    ))?;
+    let said = String::from_utf8_lossy(&old_login.stderr).into_owned()
+        + &String::from_utf8_lossy(&old_login.stdout);
+    if old_login.status.success() || !said.contains("Authentication failed") {
+        bail!("the old Kafka password still logs in: {said}");
+    }
+    // And back, for the tests after this one.
+    let back = primary
+        .run_module("cluster_enter_primary_mode", &primary_mode_args(primary))?
+        .ok()?;
+    ensure_eq!(back.changed(), true);
     Ok(())
 }
 

@@ -22,6 +22,8 @@ use crate::files::{self, FilePlan, Owner};
 use crate::secret::Secret;
 use crate::services::Unit;
 
+mod sasl;
+
 // The tarball's layout under /opt/kafka, for `#[serde(default = "...")]`.
 pub fn default_home() -> PathBuf {
     "/opt/kafka".into()
@@ -104,7 +106,7 @@ impl PairKafka {
         if files.changes(&self.config) || !self.unit.is_active()? {
             return Ok(false);
         }
-        self.tools.logs_in(&self.pair_bootstrap(), &self.login)
+        logs_in(&self.pair_bootstrap(), &self.login)
     }
 
     /// After the files are written: restarts Kafka if its configuration
@@ -122,9 +124,7 @@ impl PairKafka {
                 .set_credential(&self.local_bootstrap(), &self.login)?;
             // The broker learns the credential from its metadata log.
             let works = crate::wait::until(Duration::from_secs(30), Duration::from_secs(1), || {
-                self.tools
-                    .logs_in(&self.pair_bootstrap(), &self.login)
-                    .unwrap_or(false)
+                logs_in(&self.pair_bootstrap(), &self.login).unwrap_or(false)
             });
             if !works {
                 bail!(
@@ -137,6 +137,23 @@ impl PairKafka {
         }
         Ok(restart)
     }
+}
+
+/// A tool's output lines, trimmed, the empty ones left out.
+fn nonempty_lines(text: &str) -> Vec<String> {
+    text.lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// Whether the pair listener at `bootstrap` (`ip:port`) lets `login` in:
+/// false when it refuses the credential, an error when it does not answer.
+pub fn logs_in(bootstrap: &str, login: &Login) -> Result<bool> {
+    let address = bootstrap
+        .parse()
+        .with_context(|| format!("{bootstrap:?} is not an address and port"))?;
+    sasl::logs_in(address, login)
 }
 
 /// Kafka's default for SCRAM-SHA-512.
@@ -264,12 +281,7 @@ impl Tools {
     /// metadata reads.
     pub fn topics(&self, bootstrap: &str, login: Option<&Login>) -> Result<Vec<String>> {
         let out = self.run_client("kafka-topics.sh", bootstrap, &["--list"], login)?;
-        Ok(out
-            .stdout
-            .lines()
-            .map(|l| l.trim().to_string())
-            .filter(|l| !l.is_empty())
-            .collect())
+        Ok(nonempty_lines(&out.stdout))
     }
 
     /// Every topic's records at `bootstrap` (the sum of its partitions' end
@@ -294,12 +306,7 @@ impl Tools {
     ) -> Result<Vec<String>> {
         let args = ["--list", "--exclude-internal", "--topic", pattern];
         let out = self.run_client("kafka-topics.sh", bootstrap, &args, login)?;
-        Ok(out
-            .stdout
-            .lines()
-            .map(|l| l.trim().to_string())
-            .filter(|l| !l.is_empty())
-            .collect())
+        Ok(nonempty_lines(&out.stdout))
     }
 
     /// Each partition's end offset at `bootstrap`, logged in with `login`
@@ -341,16 +348,6 @@ impl Tools {
             None,
         )?;
         Ok(parse_mirrored_offsets(&out.stdout, source))
-    }
-
-    /// Whether the pair listener at `bootstrap` lets `login` in: false
-    /// when it refuses the credential, an error when it does not answer.
-    pub fn logs_in(&self, bootstrap: &str, login: &Login) -> Result<bool> {
-        match self.topics(bootstrap, Some(login)) {
-            Ok(_) => Ok(true),
-            Err(e) if format!("{e:#}").contains("Authentication failed") => Ok(false),
-            Err(e) => Err(e),
-        }
     }
 
     /// Sets `login`'s SCRAM credential in the cluster's metadata, through
