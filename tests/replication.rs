@@ -191,7 +191,9 @@ fn primary_mode(fleet: &Fleet) -> Result<()> {
     let mut new_kafka = primary_mode_args(primary);
     new_kafka["kafka_password"] = json!("another-Kafka-987654321");
     for (args, changed) in [(&new_kafka, true), (&new_kafka, false)] {
-        let run = primary.run_module("cluster_enter_primary_mode", args)?.ok()?;
+        let run = primary
+            .run_module("cluster_enter_primary_mode", args)?
+            .ok()?;
         ensure_eq!(run.changed(), changed);
     }
     let old_login = secondary.sh_output(&format!(

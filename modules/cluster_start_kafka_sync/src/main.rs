@@ -173,16 +173,13 @@ fn cluster_start_kafka_sync(args: Args, ctx: &mut Context) -> Result<Outcome> {
     }
     // The primary first, through its pair listener with the pair's login.
     let source = format!("{primary}:{}", args.kafka_pair_port);
-    kafka
-        .tools
-        .topics(&source, Some(&kafka.login))
-        .with_context(|| {
-            format!(
-                "the primary's Kafka at {source} does not let the pair's login in; nothing was \
-             changed here. Check that it runs with the pair listener and the same \
-             kafka_password (seed step 4)"
-            )
-        })?;
+    let refused = format!(
+        "the primary's Kafka at {source} does not let the pair's login in; nothing was changed \
+         here. Check that it runs with the pair listener and the same kafka_password (seed step 4)"
+    );
+    if !kafka::logs_in(&source, &kafka.login).with_context(|| refused.clone())? {
+        bail!(refused);
+    }
 
     let mut plan = Plan::new(files);
     if !login_works {

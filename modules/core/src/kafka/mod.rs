@@ -22,7 +22,7 @@ use crate::files::{self, FilePlan, Owner};
 use crate::secret::Secret;
 use crate::services::Unit;
 
-mod sasl;
+mod wire;
 
 // The tarball's layout under /opt/kafka, for `#[serde(default = "...")]`.
 pub fn default_home() -> PathBuf {
@@ -150,10 +150,14 @@ fn nonempty_lines(text: &str) -> Vec<String> {
 /// Whether the pair listener at `bootstrap` (`ip:port`) lets `login` in:
 /// false when it refuses the credential, an error when it does not answer.
 pub fn logs_in(bootstrap: &str, login: &Login) -> Result<bool> {
-    let address = bootstrap
+    wire::logs_in(address(bootstrap)?, login)
+}
+
+/// A bootstrap server (`ip:port`) as an address to connect to.
+fn address(bootstrap: &str) -> Result<std::net::SocketAddr> {
+    bootstrap
         .parse()
-        .with_context(|| format!("{bootstrap:?} is not an address and port"))?;
-    sasl::logs_in(address, login)
+        .with_context(|| format!("{bootstrap:?} is not an address and port"))
 }
 
 /// Kafka's default for SCRAM-SHA-512.
@@ -291,8 +295,8 @@ impl Tools {
         bootstrap: &str,
         login: Option<&Login>,
     ) -> Result<std::collections::BTreeMap<String, u64>> {
-        let out = self.run_client("kafka-get-offsets.sh", bootstrap, &[], login)?;
-        Ok(parse_topic_offsets(&out.stdout))
+        let partitions = wire::partition_end_offsets(address(bootstrap)?, login, None)?;
+        Ok(topic_sums(&partitions))
     }
 
     /// The topics at `bootstrap` whose whole name matches `pattern` (a Java
@@ -316,8 +320,7 @@ impl Tools {
         bootstrap: &str,
         login: Option<&Login>,
     ) -> Result<PartitionOffsets> {
-        let out = self.run_client("kafka-get-offsets.sh", bootstrap, &[], login)?;
-        Ok(parse_partition_offsets(&out.stdout))
+        wire::partition_end_offsets(address(bootstrap)?, login, None)
     }
 
     /// The source offsets MirrorMaker has committed for `source`'s
@@ -456,14 +459,10 @@ impl Tools {
     /// How many records `topic` holds at `bootstrap`: the sum of its
     /// partitions' end offsets (0 when it does not exist).
     pub fn end_offsets(&self, bootstrap: &str, topic: &str) -> Result<u64> {
-        let out = self
-            .tool("kafka-get-offsets.sh")
-            .args(["--bootstrap-server", bootstrap, "--topic", topic])
-            .output()?;
-        if !out.success() {
-            return Ok(0);
-        }
-        Ok(parse_end_offsets(&out.stdout))
+        let partitions = wire::partition_end_offsets(address(bootstrap)?, None, Some(topic))?;
+        Ok(partitions
+            .values()
+            .fold(0u64, |sum, n| sum.saturating_add(*n)))
     }
 }
 
@@ -494,13 +493,13 @@ pub fn exact_topics_pattern(topics: &[String]) -> Result<String> {
     Ok(format!("^({})$", names.join("|")))
 }
 
-/// Each topic's sum of its partitions' `topic:partition:offset` lines
-/// (kafka-get-offsets.sh), saturating.
-pub fn parse_topic_offsets(text: &str) -> std::collections::BTreeMap<String, u64> {
+/// Each topic's records: the sum of its partitions' end offsets,
+/// saturating.
+pub fn topic_sums(partitions: &PartitionOffsets) -> std::collections::BTreeMap<String, u64> {
     let mut topics = std::collections::BTreeMap::new();
-    for ((topic, _), offset) in parse_partition_offsets(text) {
-        let sum: &mut u64 = topics.entry(topic).or_default();
-        *sum = sum.saturating_add(offset);
+    for ((topic, _), offset) in partitions {
+        let sum: &mut u64 = topics.entry(topic.clone()).or_default();
+        *sum = sum.saturating_add(*offset);
     }
     topics
 }
@@ -588,13 +587,6 @@ pub fn not_yet_mirrored(
         *behind = behind.saturating_add(end.saturating_sub(next));
     }
     topics
-}
-
-/// Sums `topic:partition:offset` lines (kafka-get-offsets.sh).
-pub fn parse_end_offsets(text: &str) -> u64 {
-    text.lines()
-        .filter_map(|line| line.trim().rsplit(':').next()?.parse::<u64>().ok())
-        .fold(0, u64::saturating_add)
 }
 
 /// The value the last assignment of `key` gives it, as Kafka reads the
@@ -983,14 +975,16 @@ mod tests {
 
     #[test]
     fn offsets_are_summed_per_topic() {
-        let topics = parse_topic_offsets("a:0:5\na:1:7\nb.c:0:3\nnoise\n");
+        let topics = topic_sums(&parse_partition_offsets("a:0:5\na:1:7\nb.c:0:3\nnoise\n"));
         assert_eq!(topics.get("a"), Some(&12));
         assert_eq!(topics.get("b.c"), Some(&3));
         assert_eq!(topics.len(), 2);
         // Found by fuzzing: a sum past u64 saturates, never panics.
         let huge = format!("t:0:{}\nt:1:{}\n", u64::MAX, u64::MAX);
-        assert_eq!(parse_topic_offsets(&huge).get("t"), Some(&u64::MAX));
-        assert_eq!(parse_end_offsets(&huge), u64::MAX);
+        assert_eq!(
+            topic_sums(&parse_partition_offsets(&huge)).get("t"),
+            Some(&u64::MAX)
+        );
     }
 
     #[test]
@@ -1019,13 +1013,6 @@ mod tests {
         // u was never mirrored.
         assert_eq!(lag.get("t"), Some(&(19, 9)));
         assert_eq!(lag.get("u"), Some(&(2, 2)));
-    }
-
-    #[test]
-    fn end_offsets_are_summed_over_partitions() {
-        assert_eq!(parse_end_offsets("t:0:5\nt:1:7\n"), 12);
-        assert_eq!(parse_end_offsets(""), 0);
-        assert_eq!(parse_end_offsets("garbage\n"), 0);
     }
 
     #[test]

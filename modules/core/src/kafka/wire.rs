@@ -1,12 +1,19 @@
-//! Whether a Kafka pair listener lets a login in, asked natively: the
-//! SaslHandshake and SaslAuthenticate requests of Kafka's protocol, with a
-//! SCRAM-SHA-512 exchange (RFC 5802) in them. Kafka's own tools answer the
-//! same question, but each starts a JVM: seconds, where this takes a few
-//! milliseconds, on every re-run of steps 4 and 10.
+//! Kafka's protocol, spoken natively for the few questions hapair asks of
+//! a broker on every run: whether a pair listener lets a login in
+//! (SaslHandshake and SaslAuthenticate, with a SCRAM-SHA-512 exchange of
+//! RFC 5802 in them) and each partition's end offset (Metadata and
+//! ListOffsets). Kafka's own tools answer the same, but each starts a JVM:
+//! seconds of CPU, where this takes milliseconds, on every re-run of steps
+//! 4 and 10, while step 10 waits for MirrorMaker's first heartbeat, and on
+//! every measure of the monitor.
 //!
-//! The server's last message is checked too: a listener that let anyone in
-//! could not sign it without the credential.
+//! The pair's Kafka is one broker a host: the broker asked leads every
+//! partition, so each question is one connection to it.
+//!
+//! The server's last SCRAM message is checked too: a listener that let
+//! anyone in could not sign it without the credential.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
@@ -17,8 +24,10 @@ use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha512};
 
-use super::{Login, MECHANISM};
+use super::{Login, PartitionOffsets, MECHANISM};
 
+const METADATA: i16 = 3;
+const LIST_OFFSETS: i16 = 2;
 const SASL_HANDSHAKE: i16 = 17;
 const SASL_AUTHENTICATE: i16 = 36;
 /// SASL_AUTHENTICATION_FAILED: the credential was refused.
@@ -32,39 +41,104 @@ const MAX_RESPONSE: usize = 1 << 20;
 /// login in (and proves it knows the credential), false when it refuses
 /// it, an error when it does not answer as a Kafka SASL listener.
 pub fn logs_in(address: SocketAddr, login: &Login) -> Result<bool> {
-    let stream = TcpStream::connect_timeout(&address, TIMEOUT)
-        .with_context(|| format!("can't connect to Kafka at {address}"))?;
-    stream.set_read_timeout(Some(TIMEOUT))?;
-    stream.set_write_timeout(Some(TIMEOUT))?;
-    let mut connection = Connection {
-        stream,
-        correlation: 0,
-    };
+    Connection::open(address)?.log_in(address, login)
+}
 
+/// The end offset of every partition of `topic` (of every topic when
+/// None) at the broker at `address`, logged in with `login` when given. A
+/// topic the broker does not have has no partitions.
+pub fn partition_end_offsets(
+    address: SocketAddr,
+    login: Option<&Login>,
+    topic: Option<&str>,
+) -> Result<PartitionOffsets> {
+    let mut connection = Connection::open(address)?;
+    if let Some(login) = login {
+        if !connection.log_in(address, login)? {
+            bail!("Kafka at {address} refused the pair's login");
+        }
+    }
+    // Metadata v1: a null topic array asks for every topic.
     let mut body = Vec::new();
-    put_string(&mut body, MECHANISM);
-    let answer = connection.call(SASL_HANDSHAKE, 1, &body)?;
+    match topic {
+        Some(topic) => {
+            body.extend(1i32.to_be_bytes());
+            put_string(&mut body, topic);
+        }
+        None => body.extend((-1i32).to_be_bytes()),
+    }
+    let partitions = parse_metadata(&connection.call(METADATA, 1, &body)?)?;
+    let mut offsets = PartitionOffsets::new();
+    if partitions.is_empty() {
+        return Ok(offsets);
+    }
+    // ListOffsets v1: the latest offset (timestamp -1) of each partition.
+    let mut body = Vec::new();
+    body.extend((-1i32).to_be_bytes()); // replica_id: a client
+    body.extend(i32::try_from(partitions.len())?.to_be_bytes());
+    for (topic, numbers) in &partitions {
+        put_string(&mut body, topic);
+        body.extend(i32::try_from(numbers.len())?.to_be_bytes());
+        for number in numbers {
+            body.extend(number.to_be_bytes());
+            body.extend((-1i64).to_be_bytes());
+        }
+    }
+    let answer = connection.call(LIST_OFFSETS, 1, &body)?;
     let mut reader = Reader(&answer);
-    let error = reader.i16()?;
-    if error != 0 {
-        bail!("Kafka at {address} does not offer {MECHANISM} (error {error})");
+    for _ in 0..reader.count()? {
+        let topic = reader.string()?;
+        for _ in 0..reader.count()? {
+            let partition = reader.i32()?;
+            let error = reader.i16()?;
+            let _timestamp = reader.i64()?;
+            let offset = reader.i64()?;
+            if error != 0 {
+                bail!(
+                    "Kafka at {address} gave no end offset for {topic}:{partition} (error {error})"
+                );
+            }
+            offsets.insert(
+                (topic.clone(), u32::try_from(partition)?),
+                u64::try_from(offset).unwrap_or(0),
+            );
+        }
     }
+    Ok(offsets)
+}
 
-    let nonce = client_nonce()?;
-    let first_bare = format!("n={},r={nonce}", login.user);
-    let Some(server_first) = connection.authenticate(format!("n,,{first_bare}").as_bytes())? else {
-        return Ok(false);
-    };
-    let server_first = String::from_utf8(server_first).context("SCRAM server-first")?;
-    let exchange = Exchange::new(login, &nonce, &first_bare, &server_first)?;
-    let Some(server_final) = connection.authenticate(exchange.client_final.as_bytes())? else {
-        return Ok(false);
-    };
-    let server_final = String::from_utf8(server_final).context("SCRAM server-final")?;
-    if server_final.strip_prefix("v=") != Some(&exchange.server_signature) {
-        bail!("Kafka at {address} let the login in without proving it knows the credential");
+/// A Metadata v1 answer's partitions, by topic; a topic it reports an
+/// error for (one it does not have) is left out.
+fn parse_metadata(answer: &[u8]) -> Result<BTreeMap<String, Vec<i32>>> {
+    let mut reader = Reader(answer);
+    for _ in 0..reader.count()? {
+        reader.i32()?; // node_id
+        reader.string()?; // host
+        reader.i32()?; // port
+        reader.nullable_string()?; // rack
     }
-    Ok(true)
+    reader.i32()?; // controller_id
+    let mut topics = BTreeMap::new();
+    for _ in 0..reader.count()? {
+        let error = reader.i16()?;
+        let name = reader.string()?;
+        reader.take(1)?; // is_internal
+        let mut numbers = Vec::new();
+        for _ in 0..reader.count()? {
+            reader.i16()?; // error_code
+            numbers.push(reader.i32()?);
+            reader.i32()?; // leader_id
+            for _ in 0..2 {
+                // replica_nodes, isr_nodes
+                let nodes = reader.count()?;
+                reader.take(nodes * 4)?;
+            }
+        }
+        if error == 0 {
+            topics.insert(name, numbers);
+        }
+    }
+    Ok(topics)
 }
 
 /// The client's side of one SCRAM-SHA-512 exchange, from the server's
@@ -137,6 +211,45 @@ struct Connection {
 }
 
 impl Connection {
+    fn open(address: SocketAddr) -> Result<Connection> {
+        let stream = TcpStream::connect_timeout(&address, TIMEOUT)
+            .with_context(|| format!("can't connect to Kafka at {address}"))?;
+        stream.set_read_timeout(Some(TIMEOUT))?;
+        stream.set_write_timeout(Some(TIMEOUT))?;
+        Ok(Connection {
+            stream,
+            correlation: 0,
+        })
+    }
+
+    /// SCRAM-SHA-512 on this connection: whether the broker let `login` in.
+    fn log_in(&mut self, address: SocketAddr, login: &Login) -> Result<bool> {
+        let mut body = Vec::new();
+        put_string(&mut body, MECHANISM);
+        let answer = self.call(SASL_HANDSHAKE, 1, &body)?;
+        let mut reader = Reader(&answer);
+        let error = reader.i16()?;
+        if error != 0 {
+            bail!("Kafka at {address} does not offer {MECHANISM} (error {error})");
+        }
+
+        let nonce = client_nonce()?;
+        let first_bare = format!("n={},r={nonce}", login.user);
+        let Some(server_first) = self.authenticate(format!("n,,{first_bare}").as_bytes())? else {
+            return Ok(false);
+        };
+        let server_first = String::from_utf8(server_first).context("SCRAM server-first")?;
+        let exchange = Exchange::new(login, &nonce, &first_bare, &server_first)?;
+        let Some(server_final) = self.authenticate(exchange.client_final.as_bytes())? else {
+            return Ok(false);
+        };
+        let server_final = String::from_utf8(server_final).context("SCRAM server-final")?;
+        if server_final.strip_prefix("v=") != Some(&exchange.server_signature) {
+            bail!("Kafka at {address} let the login in without proving it knows the credential");
+        }
+        Ok(true)
+    }
+
     /// One request (header v1: not a flexible version) and its answer's
     /// body, after the correlation id (response header v0).
     fn call(&mut self, api_key: i16, api_version: i16, body: &[u8]) -> Result<Vec<u8>> {
@@ -215,6 +328,24 @@ impl<'a> Reader<'a> {
         Ok(i32::from_be_bytes(self.take(4)?.try_into()?))
     }
 
+    fn i64(&mut self) -> Result<i64> {
+        Ok(i64::from_be_bytes(self.take(8)?.try_into()?))
+    }
+
+    /// An array's length: never null here, and never more entries than
+    /// bytes left.
+    fn count(&mut self) -> Result<usize> {
+        let count = usize::try_from(self.i32()?).context("Kafka sent a null array")?;
+        if count > self.0.len() {
+            bail!("Kafka's answer is cut short");
+        }
+        Ok(count)
+    }
+
+    fn string(&mut self) -> Result<String> {
+        self.nullable_string()?.context("Kafka sent a null string")
+    }
+
     fn nullable_string(&mut self) -> Result<Option<String>> {
         let len = self.i16()?;
         if len < 0 {
@@ -290,6 +421,54 @@ mod tests {
                 "{server_first}"
             );
         }
+    }
+
+    /// A Metadata v1 answer: one broker, topic `t` with partitions 0 and 1,
+    /// and a topic the broker reports an error for.
+    fn metadata_answer() -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend(1i32.to_be_bytes()); // brokers
+        out.extend(1i32.to_be_bytes());
+        put_string(&mut out, "127.0.0.1");
+        out.extend(9092i32.to_be_bytes());
+        out.extend((-1i16).to_be_bytes()); // rack: null
+        out.extend(1i32.to_be_bytes()); // controller
+        out.extend(2i32.to_be_bytes()); // topics
+        out.extend(0i16.to_be_bytes());
+        put_string(&mut out, "t");
+        out.push(0);
+        out.extend(2i32.to_be_bytes());
+        for partition in [0i32, 1] {
+            out.extend(0i16.to_be_bytes());
+            out.extend(partition.to_be_bytes());
+            out.extend(1i32.to_be_bytes()); // leader
+            for _ in 0..2 {
+                out.extend(1i32.to_be_bytes());
+                out.extend(1i32.to_be_bytes());
+            }
+        }
+        out.extend(3i16.to_be_bytes()); // UNKNOWN_TOPIC_OR_PARTITION
+        put_string(&mut out, "gone");
+        out.push(0);
+        out.extend(0i32.to_be_bytes());
+        out
+    }
+
+    #[test]
+    fn metadata_gives_each_topic_s_partitions_and_leaves_out_errors() {
+        let topics = parse_metadata(&metadata_answer()).unwrap();
+        assert_eq!(topics.len(), 1);
+        assert_eq!(topics["t"], vec![0, 1]);
+    }
+
+    #[test]
+    fn every_cut_short_metadata_answer_is_an_error_not_a_panic() {
+        let answer = metadata_answer();
+        for len in 0..answer.len() {
+            assert!(parse_metadata(&answer[..len]).is_err(), "{len}");
+        }
+        // An array that claims more entries than there are bytes.
+        assert!(parse_metadata(&i32::MAX.to_be_bytes()).is_err());
     }
 
     #[test]
