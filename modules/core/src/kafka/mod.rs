@@ -356,26 +356,7 @@ impl Tools {
     /// Sets `login`'s SCRAM credential in the cluster's metadata, through
     /// the loopback listener at `local`.
     pub fn set_credential(&self, local: &str, login: &Login) -> Result<()> {
-        // The tool reads `MECHANISM=iterations=N,password=REST`: the whole
-        // rest of the line is the password.
-        let text = format!(
-            "{MECHANISM}=iterations={SCRAM_ITERATIONS},password={}\n",
-            property_value("the Kafka password", login.password.expose())?
-        );
-        self.with_private_file(&text, |file| {
-            self.tool("kafka-configs.sh")
-                .args([
-                    "--bootstrap-server",
-                    local,
-                    "--alter",
-                    "--entity-type",
-                    "users",
-                ])
-                .args(["--entity-name", &login.user, "--add-config-file"])
-                .arg(file)
-                .run()
-        })?;
-        Ok(())
+        wire::set_credential(address(local)?, login, SCRAM_ITERATIONS)
     }
 
     /// The cluster-wide default of the broker setting `key`, as set

@@ -29,6 +29,9 @@ use super::{Login, PartitionOffsets, MECHANISM};
 const METADATA: i16 = 3;
 const LIST_OFFSETS: i16 = 2;
 const SASL_HANDSHAKE: i16 = 17;
+const ALTER_USER_SCRAM_CREDENTIALS: i16 = 51;
+/// AlterUserScramCredentials' number for SCRAM-SHA-512.
+const SCRAM_SHA_512: u8 = 2;
 const SASL_AUTHENTICATE: i16 = 36;
 /// SASL_AUTHENTICATION_FAILED: the credential was refused.
 const AUTHENTICATION_FAILED: i16 = 58;
@@ -105,6 +108,49 @@ pub fn partition_end_offsets(
         }
     }
     Ok(offsets)
+}
+
+/// Sets `login`'s SCRAM-SHA-512 credential (`iterations`, a new random
+/// salt) at the broker at `address`, its loopback listener:
+/// AlterUserScramCredentials v0, with the salted password computed here,
+/// as kafka-configs.sh does before it sends the same request. The password
+/// itself never leaves this process.
+pub fn set_credential(address: SocketAddr, login: &Login, iterations: u32) -> Result<()> {
+    let mut connection = Connection::open(address)?;
+    let salt = random_bytes::<32>()?;
+    let mut salted = [0u8; 64];
+    pbkdf2::pbkdf2_hmac::<Sha512>(
+        login.password.expose().as_bytes(),
+        &salt,
+        iterations,
+        &mut salted,
+    );
+    let mut body = Vec::new();
+    put_varint(&mut body, 1); // deletions: none
+    put_varint(&mut body, 2); // upsertions: one
+    put_compact_bytes(&mut body, login.user.as_bytes());
+    body.push(SCRAM_SHA_512);
+    body.extend(i32::try_from(iterations)?.to_be_bytes());
+    put_compact_bytes(&mut body, &salt);
+    put_compact_bytes(&mut body, &salted);
+    body.push(0); // the upsertion's tagged fields
+    body.push(0); // the request's
+    let answer = connection.call_flexible(ALTER_USER_SCRAM_CREDENTIALS, 0, &body)?;
+    let mut reader = Reader(&answer);
+    reader.i32()?; // throttle_time_ms
+    for _ in 0..reader.compact_count()? {
+        let user = reader.compact_string()?;
+        let error = reader.i16()?;
+        let message = reader.compact_string().ok();
+        reader.skip_tagged_fields()?;
+        if error != 0 {
+            bail!(
+                "Kafka at {address} did not set {user}'s credential (error {error}): {}",
+                message.unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// A Metadata v1 answer's partitions, by topic; a topic it reports an
@@ -198,11 +244,15 @@ fn hmac(key: &[u8], text: &[u8]) -> Result<Vec<u8>> {
 
 /// 24 random bytes, printable (base64 has no `,`).
 fn client_nonce() -> Result<String> {
-    let mut bytes = [0u8; 24];
+    Ok(BASE64.encode(random_bytes::<24>()?))
+}
+
+fn random_bytes<const N: usize>() -> Result<[u8; N]> {
+    let mut bytes = [0u8; N];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut bytes))
         .context("can't read /dev/urandom")?;
-    Ok(BASE64.encode(bytes))
+    Ok(bytes)
 }
 
 struct Connection {
@@ -253,12 +303,31 @@ impl Connection {
     /// One request (header v1: not a flexible version) and its answer's
     /// body, after the correlation id (response header v0).
     fn call(&mut self, api_key: i16, api_version: i16, body: &[u8]) -> Result<Vec<u8>> {
+        self.exchange(api_key, api_version, false, body)
+    }
+
+    /// A request of a flexible version (header v2, response header v1:
+    /// each with tagged fields, none sent, those received skipped).
+    fn call_flexible(&mut self, api_key: i16, api_version: i16, body: &[u8]) -> Result<Vec<u8>> {
+        self.exchange(api_key, api_version, true, body)
+    }
+
+    fn exchange(
+        &mut self,
+        api_key: i16,
+        api_version: i16,
+        flexible: bool,
+        body: &[u8],
+    ) -> Result<Vec<u8>> {
         self.correlation += 1;
         let mut request = Vec::new();
         request.extend(api_key.to_be_bytes());
         request.extend(api_version.to_be_bytes());
         request.extend(self.correlation.to_be_bytes());
         put_string(&mut request, CLIENT_ID);
+        if flexible {
+            request.push(0); // no tagged fields
+        }
         request.extend(body);
         let size = i32::try_from(request.len()).context("request size")?;
         self.stream.write_all(&size.to_be_bytes())?;
@@ -277,6 +346,9 @@ impl Connection {
         let mut reader = Reader(&answer);
         if reader.i32()? != self.correlation {
             bail!("Kafka answered another request");
+        }
+        if flexible {
+            reader.skip_tagged_fields()?;
         }
         Ok(reader.0.to_vec())
     }
@@ -300,6 +372,21 @@ impl Connection {
             ),
         }
     }
+}
+
+/// An unsigned varint, as flexible versions write lengths.
+fn put_varint(out: &mut Vec<u8>, mut value: u32) {
+    while value >= 0x80 {
+        out.push((value as u8 & 0x7f) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+/// Compact bytes (and strings): the length plus one, as a varint.
+fn put_compact_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    put_varint(out, bytes.len() as u32 + 1);
+    out.extend(bytes);
 }
 
 fn put_string(out: &mut Vec<u8>, text: &str) {
@@ -340,6 +427,43 @@ impl<'a> Reader<'a> {
             bail!("Kafka's answer is cut short");
         }
         Ok(count)
+    }
+
+    fn varint(&mut self) -> Result<u32> {
+        let mut value = 0u32;
+        for shift in (0..35).step_by(7) {
+            let byte = self.take(1)?[0];
+            value |= u32::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        bail!("Kafka sent a varint of more than five bytes")
+    }
+
+    /// A compact array's length (the varint less one); null is refused.
+    fn compact_count(&mut self) -> Result<usize> {
+        let count = (self.varint()? as usize)
+            .checked_sub(1)
+            .context("Kafka sent a null array")?;
+        if count > self.0.len() {
+            bail!("Kafka's answer is cut short");
+        }
+        Ok(count)
+    }
+
+    fn compact_string(&mut self) -> Result<String> {
+        let len = self.compact_count()?;
+        Ok(String::from_utf8_lossy(self.take(len)?).into_owned())
+    }
+
+    fn skip_tagged_fields(&mut self) -> Result<()> {
+        for _ in 0..self.varint()? {
+            self.varint()?; // tag
+            let size = self.varint()? as usize;
+            self.take(size)?;
+        }
+        Ok(())
     }
 
     fn string(&mut self) -> Result<String> {
@@ -469,6 +593,28 @@ mod tests {
         }
         // An array that claims more entries than there are bytes.
         assert!(parse_metadata(&i32::MAX.to_be_bytes()).is_err());
+    }
+
+    #[test]
+    fn varints_and_compact_fields_read_back_as_written() {
+        for value in [0u32, 1, 127, 128, 300, 16_383, 16_384, u32::MAX] {
+            let mut out = Vec::new();
+            put_varint(&mut out, value);
+            assert_eq!(Reader(&out).varint().unwrap(), value);
+        }
+        let mut out = Vec::new();
+        put_compact_bytes(&mut out, b"hapair");
+        out.extend([1, 7, 2, 0xaa, 0xbb]); // one tagged field: tag 7, 2 bytes
+        let mut reader = Reader(&out);
+        assert_eq!(reader.compact_string().unwrap(), "hapair");
+        reader.skip_tagged_fields().unwrap();
+        assert!(reader.0.is_empty());
+        // Null (0), and lengths past the end.
+        assert!(Reader(&[0]).compact_count().is_err());
+        assert!(Reader(&[9, 1]).compact_string().is_err());
+        assert!(Reader(&[0xff, 0xff, 0xff, 0xff, 0xff, 0x01])
+            .varint()
+            .is_err());
     }
 
     #[test]
