@@ -110,10 +110,17 @@ fn bench() -> Result<()> {
     }
 
     let setup = playbook_with_env(&fleet, "ha_setup.yml", &["-e", CONFIRM], &[])?.ok()?;
-    let rerun = playbook_with_env(&fleet, "ha_setup.yml", &["-e", CONFIRM], &[])?.ok()?;
-    if rerun.changed() != 0 {
-        bail!("the re-run changed something:\n{}", rerun.output);
+    // The re-run is short enough for the fleet's own timers (the monitor's
+    // measures) to sway one run: the median of three.
+    let mut reruns = Vec::new();
+    for _ in 0..3 {
+        let rerun = playbook_with_env(&fleet, "ha_setup.yml", &["-e", CONFIRM], &[])?.ok()?;
+        if rerun.changed() != 0 {
+            bail!("the re-run changed something:\n{}", rerun.output);
+        }
+        reruns.push(rerun.seconds);
     }
+    let rerun_seconds = median(reruns);
     println!(
         "ha_setup.yml on a fresh pair, to a healthy /monitor/replication: {:.1} s (goal 60 s, \
          {:.2} x the goal)",
@@ -121,9 +128,9 @@ fn bench() -> Result<()> {
         setup.seconds / 60.0
     );
     println!(
-        "ha_setup.yml re-run, changed=0: {:.1} s (goal 5 s, {:.2} x the goal)",
-        rerun.seconds,
-        rerun.seconds / 5.0
+        "ha_setup.yml re-run, changed=0 (median of 3): {rerun_seconds:.1} s (goal 5 s, {:.2} x \
+         the goal)",
+        rerun_seconds / 5.0
     );
     drop(fleet);
 
