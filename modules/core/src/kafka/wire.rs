@@ -26,19 +26,22 @@ use sha2::{Digest, Sha512};
 
 use super::{Login, PartitionOffsets, MECHANISM};
 
-const METADATA: i16 = 3;
+// The requests' API keys.
 const LIST_OFFSETS: i16 = 2;
+const METADATA: i16 = 3;
 const SASL_HANDSHAKE: i16 = 17;
+const SASL_AUTHENTICATE: i16 = 36;
 const ALTER_USER_SCRAM_CREDENTIALS: i16 = 51;
+
 /// AlterUserScramCredentials' number for SCRAM-SHA-512.
 const SCRAM_SHA_512: u8 = 2;
-const SASL_AUTHENTICATE: i16 = 36;
 /// SASL_AUTHENTICATION_FAILED: the credential was refused.
 const AUTHENTICATION_FAILED: i16 = 58;
 const CLIENT_ID: &str = "hapair";
 const TIMEOUT: Duration = Duration::from_secs(10);
-/// Larger answers than this are not a SASL exchange.
-const MAX_RESPONSE: usize = 1 << 20;
+/// A larger answer is refused: the metadata of a pair's broker, with tens
+/// of thousands of partitions, is a few MiB.
+const MAX_RESPONSE: usize = 16 << 20;
 
 /// Logs in to the listener at `address` as `login`: true when it lets the
 /// login in (and proves it knows the credential), false when it refuses
@@ -141,7 +144,7 @@ pub fn set_credential(address: SocketAddr, login: &Login, iterations: u32) -> Re
     for _ in 0..reader.compact_count()? {
         let user = reader.compact_string()?;
         let error = reader.i16()?;
-        let message = reader.compact_string().ok();
+        let message = reader.compact_nullable_string()?;
         reader.skip_tagged_fields()?;
         if error != 0 {
             bail!(
@@ -453,8 +456,15 @@ impl<'a> Reader<'a> {
     }
 
     fn compact_string(&mut self) -> Result<String> {
-        let len = self.compact_count()?;
-        Ok(String::from_utf8_lossy(self.take(len)?).into_owned())
+        self.compact_nullable_string()?
+            .context("Kafka sent a null string")
+    }
+
+    fn compact_nullable_string(&mut self) -> Result<Option<String>> {
+        let Some(len) = (self.varint()? as usize).checked_sub(1) else {
+            return Ok(None);
+        };
+        Ok(Some(String::from_utf8_lossy(self.take(len)?).into_owned()))
     }
 
     fn skip_tagged_fields(&mut self) -> Result<()> {
@@ -611,6 +621,8 @@ mod tests {
         assert!(reader.0.is_empty());
         // Null (0), and lengths past the end.
         assert!(Reader(&[0]).compact_count().is_err());
+        assert!(Reader(&[0]).compact_string().is_err());
+        assert_eq!(Reader(&[0]).compact_nullable_string().unwrap(), None);
         assert!(Reader(&[9, 1]).compact_string().is_err());
         assert!(Reader(&[0xff, 0xff, 0xff, 0xff, 0xff, 0x01])
             .varint()
