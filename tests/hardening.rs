@@ -415,7 +415,7 @@ fn start_slow_copy(fleet: &Fleet) -> Result<String> {
     let (primary, secondary) = (fleet.host("primary"), fleet.host("secondary"));
     let started = ansible(
         fleet,
-        "cluster_replicate_postgres",
+        "hapair.ha.cluster_replicate_postgres",
         &format!(
             "primary_address={} replication_password={REPLICATION_PASSWORD} max_rate=2M",
             primary.ip
