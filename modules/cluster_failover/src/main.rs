@@ -403,8 +403,7 @@ impl FencedBus {
             // switchover waits for none of them.
             .filter(|topic| !kafka::excluded_from_mirroring(topic) && !kafka::is_heartbeats(topic))
             .collect();
-        let end = tools
-            .partition_end_offsets(bootstrap, Some(login))?
+        let end = kafka::partition_end_offsets(bootstrap, Some(login))?
             .into_iter()
             .filter(|((topic, _), _)| mirrored.contains(topic))
             .collect();

@@ -233,7 +233,7 @@ fn cluster_rejoin(args: Args, ctx: &mut Context) -> Result<Outcome> {
         // topic with records of its own before MirrorMaker starts.
         let rebuilt = rebuilt_topics(&tools, &local, &source, &login, &args.topics)?;
         if !rebuilt.is_empty() {
-            discarded_records = records_only_here(&tools, &local, &source, &login, &rebuilt)?;
+            discarded_records = records_only_here(&local, &source, &login, &rebuilt)?;
             plan.push(Change::RebuildTopics(rebuilt));
         }
         if tools
@@ -348,14 +348,13 @@ fn rebuilt_topics(
 /// Per rebuilt topic, the records this host has beyond the new primary's
 /// (what it took after the two parted, or never sent): lost with the copy.
 fn records_only_here(
-    tools: &kafka::Tools,
     local: &str,
     source: &str,
     login: &kafka::Login,
     topics: &[String],
 ) -> Result<BTreeMap<String, u64>> {
-    let here = tools.all_end_offsets(local, None)?;
-    let there = tools.all_end_offsets(source, Some(login))?;
+    let here = kafka::all_end_offsets(local, None)?;
+    let there = kafka::all_end_offsets(source, Some(login))?;
     Ok(topics
         .iter()
         .filter(|t| !t.ends_with(".internal") && !t.starts_with("mm2-"))

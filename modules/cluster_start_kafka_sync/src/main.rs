@@ -198,7 +198,7 @@ fn cluster_start_kafka_sync(args: Args, ctx: &mut Context) -> Result<Outcome> {
         if !files.changes.is_empty() || !active {
             unit.restart()?;
         }
-        wait_for_heartbeats(&kafka.tools, &local, &unit, args.start_timeout)?;
+        wait_for_heartbeats(&local, &unit, args.start_timeout)?;
         Ok(vec!["the primary's heartbeats arrive here".into()])
     })?;
     Ok(outcome.with("unit", UNIT).with("config", CONFIG))
@@ -302,10 +302,10 @@ fn unit_text(home: &Path, run_as: &str, heap: &str) -> String {
 
 /// Waits until the primary's heartbeats arrive here: MirrorMaker reads the
 /// primary and writes this host's Kafka.
-fn wait_for_heartbeats(tools: &Tools, local: &str, unit: &Unit, timeout: Seconds) -> Result<()> {
+fn wait_for_heartbeats(local: &str, unit: &Unit, timeout: Seconds) -> Result<()> {
     let topic = format!("{SOURCE}.heartbeats");
     let arrived = wait::until(timeout.duration(), Duration::from_secs(3), || {
-        tools.end_offsets(local, &topic).unwrap_or(0) > 0
+        kafka::end_offsets(local, &topic).unwrap_or(0) > 0
     });
     if !arrived {
         bail!(

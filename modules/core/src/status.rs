@@ -320,7 +320,7 @@ fn event_bus(sources: &Sources) -> Result<Value> {
             if !unit.is_active()? {
                 return Ok(unknown(format!("MirrorMaker ({unit}) is not running")));
             }
-            let source = kafka.partition_end_offsets(peer, Some(login))?;
+            let source = crate::kafka::partition_end_offsets(peer, Some(login))?;
             let mirrored =
                 kafka.mirrored_offsets(&sources.kafka_local, crate::kafka::MIRRORMAKER_SOURCE)?;
             for (topic, (records, behind)) in crate::kafka::not_yet_mirrored(&source, &mirrored) {
@@ -352,8 +352,8 @@ fn event_bus(sources: &Sources) -> Result<Value> {
                 }
                 Err(e) => format!("not known: {e:#}"),
             };
-            let source = kafka.all_end_offsets(&sources.kafka_local, None)?;
-            let target = kafka.all_end_offsets(peer, Some(login))?;
+            let source = crate::kafka::all_end_offsets(&sources.kafka_local, None)?;
+            let target = crate::kafka::all_end_offsets(peer, Some(login))?;
             for (topic, end) in source.into_iter().filter(|(t, _)| shown(t)) {
                 let there = target.get(&topic).copied().unwrap_or(0);
                 topics.insert(

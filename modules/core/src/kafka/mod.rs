@@ -120,8 +120,7 @@ impl PairKafka {
             self.unit.wait_for_port(Ipv4Addr::LOCALHOST, self.port)?;
         }
         if !login_works {
-            self.tools
-                .set_credential(&self.local_bootstrap(), &self.login)?;
+            set_credential(&self.local_bootstrap(), &self.login)?;
             // The broker learns the credential from its metadata log.
             let works = crate::wait::until(Duration::from_secs(30), Duration::from_secs(1), || {
                 logs_in(&self.pair_bootstrap(), &self.login).unwrap_or(false)
@@ -151,6 +150,34 @@ fn nonempty_lines(text: &str) -> Vec<String> {
 /// false when it refuses the credential, an error when it does not answer.
 pub fn logs_in(bootstrap: &str, login: &Login) -> Result<bool> {
     wire::logs_in(address(bootstrap)?, login)
+}
+
+/// Sets `login`'s SCRAM credential in the cluster's metadata, through the
+/// loopback listener at `local`.
+pub fn set_credential(local: &str, login: &Login) -> Result<()> {
+    wire::set_credential(address(local)?, login, SCRAM_ITERATIONS)
+}
+
+/// Each partition's end offset at `bootstrap`, logged in with `login` when
+/// given.
+pub fn partition_end_offsets(bootstrap: &str, login: Option<&Login>) -> Result<PartitionOffsets> {
+    wire::partition_end_offsets(address(bootstrap)?, login, None)
+}
+
+/// Every topic's records at `bootstrap` (the sum of its partitions' end
+/// offsets), logged in with `login` when given.
+pub fn all_end_offsets(
+    bootstrap: &str,
+    login: Option<&Login>,
+) -> Result<std::collections::BTreeMap<String, u64>> {
+    Ok(topic_sums(&partition_end_offsets(bootstrap, login)?))
+}
+
+/// How many records `topic` holds at `bootstrap` (a loopback listener):
+/// the sum of its partitions' end offsets (0 when it does not exist).
+pub fn end_offsets(bootstrap: &str, topic: &str) -> Result<u64> {
+    let partitions = wire::partition_end_offsets(address(bootstrap)?, None, Some(topic))?;
+    Ok(topic_sums(&partitions).remove(topic).unwrap_or(0))
 }
 
 /// A bootstrap server (`ip:port`) as an address to connect to.
@@ -288,17 +315,6 @@ impl Tools {
         Ok(nonempty_lines(&out.stdout))
     }
 
-    /// Every topic's records at `bootstrap` (the sum of its partitions' end
-    /// offsets), logged in with `login` when given.
-    pub fn all_end_offsets(
-        &self,
-        bootstrap: &str,
-        login: Option<&Login>,
-    ) -> Result<std::collections::BTreeMap<String, u64>> {
-        let partitions = wire::partition_end_offsets(address(bootstrap)?, login, None)?;
-        Ok(topic_sums(&partitions))
-    }
-
     /// The topics at `bootstrap` whose whole name matches `pattern` (a Java
     /// regex, read by Kafka itself as MirrorMaker reads its `topics`),
     /// internal topics left out.
@@ -311,16 +327,6 @@ impl Tools {
         let args = ["--list", "--exclude-internal", "--topic", pattern];
         let out = self.run_client("kafka-topics.sh", bootstrap, &args, login)?;
         Ok(nonempty_lines(&out.stdout))
-    }
-
-    /// Each partition's end offset at `bootstrap`, logged in with `login`
-    /// when given.
-    pub fn partition_end_offsets(
-        &self,
-        bootstrap: &str,
-        login: Option<&Login>,
-    ) -> Result<PartitionOffsets> {
-        wire::partition_end_offsets(address(bootstrap)?, login, None)
     }
 
     /// The source offsets MirrorMaker has committed for `source`'s
@@ -351,12 +357,6 @@ impl Tools {
             None,
         )?;
         Ok(parse_mirrored_offsets(&out.stdout, source))
-    }
-
-    /// Sets `login`'s SCRAM credential in the cluster's metadata, through
-    /// the loopback listener at `local`.
-    pub fn set_credential(&self, local: &str, login: &Login) -> Result<()> {
-        wire::set_credential(address(local)?, login, SCRAM_ITERATIONS)
     }
 
     /// The cluster-wide default of the broker setting `key`, as set
@@ -402,7 +402,7 @@ impl Tools {
             std::time::Duration::from_secs(60),
             std::time::Duration::from_millis(500),
             || {
-                self.all_end_offsets(local, None)
+                all_end_offsets(local, None)
                     .map(|left| !topics.iter().any(|t| left.get(t).is_some_and(|&n| n > 0)))
                     .unwrap_or(false)
             },
@@ -435,15 +435,6 @@ impl Tools {
         let value = result?;
         removed.with_context(|| format!("removing {}", path.display()))?;
         Ok(value)
-    }
-
-    /// How many records `topic` holds at `bootstrap`: the sum of its
-    /// partitions' end offsets (0 when it does not exist).
-    pub fn end_offsets(&self, bootstrap: &str, topic: &str) -> Result<u64> {
-        let partitions = wire::partition_end_offsets(address(bootstrap)?, None, Some(topic))?;
-        Ok(partitions
-            .values()
-            .fold(0u64, |sum, n| sum.saturating_add(*n)))
     }
 }
 
@@ -487,24 +478,6 @@ pub fn topic_sums(partitions: &PartitionOffsets) -> std::collections::BTreeMap<S
 
 /// An offset per partition: (topic, partition) to offset.
 pub type PartitionOffsets = std::collections::BTreeMap<(String, u32), u64>;
-
-/// Each partition's `topic:partition:offset` line (kafka-get-offsets.sh;
-/// a topic name may hold no `:`, so the last two fields are split off).
-pub fn parse_partition_offsets(text: &str) -> PartitionOffsets {
-    let mut partitions = PartitionOffsets::new();
-    for line in text.lines() {
-        let mut fields = line.trim().rsplitn(3, ':');
-        let (Some(offset), Some(partition), Some(topic)) =
-            (fields.next(), fields.next(), fields.next())
-        else {
-            continue;
-        };
-        if let (Ok(offset), Ok(partition)) = (offset.parse(), partition.parse()) {
-            partitions.insert((topic.to_string(), partition), offset);
-        }
-    }
-    partitions
-}
 
 /// MirrorMaker's offsets topic as the console consumer prints it: a line
 /// per record, `KEY<TAB>VALUE`, where the key names the source partition
@@ -954,18 +927,23 @@ mod tests {
         }
     }
 
+    /// Partition offsets from `(topic, partition, offset)`.
+    fn partitions(entries: &[(&str, u32, u64)]) -> PartitionOffsets {
+        entries
+            .iter()
+            .map(|&(topic, partition, offset)| ((topic.to_string(), partition), offset))
+            .collect()
+    }
+
     #[test]
     fn offsets_are_summed_per_topic() {
-        let topics = topic_sums(&parse_partition_offsets("a:0:5\na:1:7\nb.c:0:3\nnoise\n"));
+        let topics = topic_sums(&partitions(&[("a", 0, 5), ("a", 1, 7), ("b.c", 0, 3)]));
         assert_eq!(topics.get("a"), Some(&12));
         assert_eq!(topics.get("b.c"), Some(&3));
         assert_eq!(topics.len(), 2);
         // Found by fuzzing: a sum past u64 saturates, never panics.
-        let huge = format!("t:0:{}\nt:1:{}\n", u64::MAX, u64::MAX);
-        assert_eq!(
-            topic_sums(&parse_partition_offsets(&huge)).get("t"),
-            Some(&u64::MAX)
-        );
+        let huge = partitions(&[("t", 0, u64::MAX), ("t", 1, u64::MAX)]);
+        assert_eq!(topic_sums(&huge).get("t"), Some(&u64::MAX));
     }
 
     #[test]
@@ -988,7 +966,7 @@ mod tests {
         let mirrored = parse_mirrored_offsets(consumed, "primary");
         assert_eq!(mirrored.len(), 1);
         assert_eq!(mirrored.get(&("t".to_string(), 0)), Some(&9));
-        let source = parse_partition_offsets("t:0:15\nt:1:4\nu:0:2\n");
+        let source = partitions(&[("t", 0, 15), ("t", 1, 4), ("u", 0, 2)]);
         let lag = not_yet_mirrored(&source, &mirrored);
         // t:0 has 10 of 15 mirrored; t:1's offset was forgotten (all 4);
         // u was never mirrored.

@@ -121,13 +121,7 @@ pub fn partition_end_offsets(
 pub fn set_credential(address: SocketAddr, login: &Login, iterations: u32) -> Result<()> {
     let mut connection = Connection::open(address)?;
     let salt = random_bytes::<32>()?;
-    let mut salted = [0u8; 64];
-    pbkdf2::pbkdf2_hmac::<Sha512>(
-        login.password.expose().as_bytes(),
-        &salt,
-        iterations,
-        &mut salted,
-    );
+    let salted = salted_password(login, &salt, iterations);
     let mut body = Vec::new();
     put_varint(&mut body, 1); // deletions: none
     put_varint(&mut body, 2); // upsertions: one
@@ -214,13 +208,7 @@ impl Exchange {
         if !(4096..=1_000_000).contains(&iterations) {
             bail!("SCRAM server-first asks {iterations} iterations");
         }
-        let mut salted = [0u8; 64];
-        pbkdf2::pbkdf2_hmac::<Sha512>(
-            login.password.expose().as_bytes(),
-            &salt,
-            iterations,
-            &mut salted,
-        );
+        let salted = salted_password(login, &salt, iterations);
         let client_key = hmac(&salted, b"Client Key")?;
         let stored_key = Sha512::digest(&client_key);
         let without_proof = format!("c=biws,r={server_nonce}");
@@ -237,6 +225,18 @@ impl Exchange {
             server_signature: BASE64.encode(hmac(&server_key, auth_message.as_bytes())?),
         })
     }
+}
+
+/// SCRAM's SaltedPassword: Hi(password, salt, i), PBKDF2 with HMAC-SHA512.
+fn salted_password(login: &Login, salt: &[u8], iterations: u32) -> [u8; 64] {
+    let mut salted = [0u8; 64];
+    pbkdf2::pbkdf2_hmac::<Sha512>(
+        login.password.expose().as_bytes(),
+        salt,
+        iterations,
+        &mut salted,
+    );
+    salted
 }
 
 fn hmac(key: &[u8], text: &[u8]) -> Result<Vec<u8>> {
