@@ -13,7 +13,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use hapair_tests::pair::{primary_mode, set_protected, KAFKA_PASSWORD, REDIS_PASSWORD};
+use hapair_tests::pair::{
+    primary_mode, set_protected, topic_records, KAFKA_PASSWORD, REDIS_PASSWORD,
+};
 use hapair_tests::{Fleet, Host};
 use serde_json::json;
 
@@ -98,16 +100,7 @@ fn kafka(primary: &Host, secondary: &Host) -> Result<()> {
 
     // Joined again: MirrorMaker catches up by itself.
     secondary.sh("systemctl start hapair-mirrormaker")?;
-    let offsets = || -> Result<u64> {
-        let out = secondary.sh(&format!(
-            "{KAFKA}/kafka-get-offsets.sh --bootstrap-server 127.0.0.1:9092 --topic bench \
-             2>/dev/null || true"
-        ))?;
-        Ok(out
-            .lines()
-            .filter_map(|l| l.rsplit(':').next()?.trim().parse::<u64>().ok())
-            .sum())
-    };
+    let offsets = || topic_records(secondary, "bench");
     let deadline = Instant::now() + Duration::from_secs(900);
     let (mut first, mut start) = (None, Instant::now());
     loop {

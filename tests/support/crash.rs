@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::pair::{redis_cli, sql};
+use crate::pair::{produce, redis_cli, sql, topic_records};
 use crate::playbook::{playbook_with_env, PlaybookRun};
 use crate::{ensure_eq, repo_root, wait_for, Fleet, Host};
 
@@ -18,8 +18,6 @@ const ROWS: &str = "800000";
 const MESSAGES: u32 = 200;
 const FILES: u32 = 400;
 
-const KAFKA: &str = "KAFKA_HEAP_OPTS=-Xmx128m /opt/kafka/bin";
-
 /// Puts rows, a key, messages and files on the fresh primary (before step
 /// 4 there are no passwords), for [`nothing_lost`] to find on both hosts.
 pub fn load_primary(primary: &Host) -> Result<()> {
@@ -29,12 +27,7 @@ pub fn load_primary(primary: &Host) -> Result<()> {
          insert into crash_note values ('written before the set-up')\""
     ))?;
     primary.sh("redis-cli SET crash:note 'written before the set-up' >/dev/null")?;
-    primary.sh(&format!(
-        "{KAFKA}/kafka-topics.sh --bootstrap-server 127.0.0.1:9092 --create --topic crash \
-         --partitions 2 >/dev/null && seq 1 {MESSAGES} | \
-         {KAFKA}/kafka-console-producer.sh --bootstrap-server 127.0.0.1:9092 --topic crash \
-         --producer-property acks=all"
-    ))?;
+    produce(primary, "crash", 2, 1, MESSAGES)?;
     // 400 files of 100 kB: rsync lasts long enough to be killed part-way.
     primary.sh(&format!(
         "mkdir -p /srv/app/crash && for i in $(seq 1 {FILES}); do \
@@ -69,17 +62,6 @@ fn rows(host: &Host) -> Result<String> {
     sql(host, "select count(*) from pgbench_accounts")
 }
 
-fn messages(host: &Host) -> Result<u32> {
-    let out = host.sh(&format!(
-        "{KAFKA}/kafka-get-offsets.sh --bootstrap-server 127.0.0.1:9092 --topic crash \
-         2>/dev/null || true"
-    ))?;
-    Ok(out
-        .lines()
-        .filter_map(|l| l.rsplit(':').next()?.trim().parse::<u32>().ok())
-        .sum())
-}
-
 /// After the last, whole run (which passed the verification, so the
 /// monitor said healthy): everything [`load_primary`] wrote is on the
 /// primary still and has reached the secondary, and no copy of step 8 is
@@ -105,11 +87,11 @@ pub fn nothing_lost(fleet: &Fleet, primary: &Host, secondary: &Host) -> Result<(
             "written before the set-up"
         );
     }
-    ensure_eq!(messages(primary)?, MESSAGES);
+    ensure_eq!(topic_records(primary, "crash")?, u64::from(MESSAGES));
     wait_for(
         "the messages on the secondary",
         Duration::from_secs(120),
-        || Ok(messages(secondary)? == MESSAGES),
+        || Ok(topic_records(secondary, "crash")? == u64::from(MESSAGES)),
     )?;
     secondary.sh("cd /srv/app/crash && sha256sum --check --quiet /srv/app/crash.sums")?;
     let leftovers = secondary

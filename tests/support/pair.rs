@@ -217,6 +217,20 @@ pub fn replay_lag_bytes(primary: &Host) -> Result<i64> {
     .parse()?)
 }
 
+/// How many records `topic` holds on `host`'s Kafka (the sum of its
+/// partitions' end offsets; 0 when it does not exist), by Kafka's own
+/// tool: the tests' reading does not lean on the modules' own client.
+pub fn topic_records(host: &Host, topic: &str) -> Result<u64> {
+    let out = host.sh(&format!(
+        "KAFKA_HEAP_OPTS=-Xmx128m /opt/kafka/bin/kafka-get-offsets.sh \
+         --bootstrap-server 127.0.0.1:9092 --topic {topic} 2>/dev/null || true"
+    ))?;
+    Ok(out
+        .lines()
+        .filter_map(|l| l.rsplit(':').next()?.trim().parse::<u64>().ok())
+        .sum())
+}
+
 /// Produces `count` numbered messages to `topic` on `host`'s Kafka
 /// (created with `partitions`), keyed so that they spread over the
 /// partitions, acks=all.
